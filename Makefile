@@ -1,0 +1,32 @@
+# Two commands for a new user: `make demo` and `make test`. Each installs what it needs first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_OUT ?= outputs/demo
+
+.PHONY: install demo test figures clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# The whole notebook on the synthetic demo data: offline, CPU, tiny random models.
+demo: install
+	mkdir -p $(DEMO_OUT)
+	$(PY) -m papermill entrep-prototypical.ipynb $(DEMO_OUT)/entrep-prototypical.ipynb \
+		-f configs/demo.yaml -p output_dir $(DEMO_OUT)
+	@echo "Demo written to $(DEMO_OUT): metrics.json, figures/, submission*.zip (synthetic data)"
+
+test: install
+	$(PY) -m pytest -q tests
+
+# The images README.md shows, regenerated from a demo run.
+figures: demo
+	cp $(DEMO_OUT)/figures/samples_per_class.png figures/
+
+clean:
+	rm -rf outputs .pytest_cache
