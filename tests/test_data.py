@@ -302,3 +302,26 @@ def test_demo_data_shape(demo_root, demo_data):
     pairs = [(lab[q], lab[m]) for q, m in zip(demo_data.i2i["query"], demo_data.i2i["match"]) if q in lab and m in lab]
     assert pairs and all(utils.LABEL_TO_COARSE[a] == utils.LABEL_TO_COARSE[b] for a, b in pairs)
     assert all(t2i_file in set(demo_data.t2i["file"]) for t2i_file in demo_data.t2i["file"])
+
+
+def test_grouped_folds_keep_groups_together_and_cover_every_sample():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    groups = np.repeat(np.arange(30), 2)
+    folds = utils.grouped_fold_ids(labels, groups, n_splits=5, seed=1)
+    assert set(folds) == set(range(5))
+    for g in range(30):
+        assert len(set(folds[groups == g])) == 1
+    assert np.array_equal(folds, utils.grouped_fold_ids(labels, groups, n_splits=5, seed=1))
+
+
+def test_resolve_dino_weights(tmp_path):
+    assert utils.resolve_dino_weights("", "vit_base_patch14_reg4_dinov2", [str(tmp_path)]) == ""
+    assert utils.resolve_dino_weights("/x/y.pth", "vit_base_patch14_reg4_dinov2", [str(tmp_path)]) == "/x/y.pth"
+    (tmp_path / "w").mkdir()
+    for name in ("DINOv2_ViTs14_size336_SurgeNetXL.pth", "DINOv2_ViTb14_size336_SurgeNetXL.pth"):
+        (tmp_path / "w" / name).write_bytes(b"")
+    got = utils.resolve_dino_weights("auto", "vit_base_patch14_reg4_dinov2", [str(tmp_path)])
+    assert got.endswith("DINOv2_ViTb14_size336_SurgeNetXL.pth")
+    with pytest.warns(UserWarning, match="found no"):
+        assert utils.resolve_dino_weights("auto", "vit_large_patch14_reg4_dinov2", [str(tmp_path)]) == ""
