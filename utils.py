@@ -938,8 +938,8 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 
     cls.pop(moved, None)
     i2i["missing-0000.png"] = pairs[1][0]  # a one-way entry whose query file is absent: reported
     jobs += [(v, (test_dir if n == moved else imgs) / n) for n, v in views.items()]
-    for name in rng.permutation(sorted(views))[:n_t2i]:
-        t2i.setdefault(demo_caption(views[name])[0], str(name))
+    for name in rng.permutation(sorted(n for pair in pairs for n in pair if n != moved))[:n_t2i]:
+        t2i.setdefault(demo_caption(views[name])[0], str(name))  # captions point at i2i images, as in the real set
 
     # Test release: Track 1 images; Track 2 queries are new examinations' view pairs; Track 3 captions.
     test_cls = []
@@ -994,7 +994,7 @@ def _write_lines(lines: Sequence[str], path: Path) -> None:
 # 5. Run setup: seeds, data path, resolved parameters
 # =============================================================================================
 
-DEMO_VERSION = 1  # bump when make_demo_dataset changes, so a cached demo set is rebuilt
+DEMO_VERSION = 2  # bump when make_demo_dataset changes, so a cached demo set is rebuilt
 
 
 def seed_everything(seed: int) -> None:
@@ -1546,7 +1546,7 @@ def image_prototypes(
     A class with no sample raises ValueError; with allow_empty=True its row is all zeros instead (its
     logit is 0 for every image, and joint_prototypes then falls back to its text prototype).
     """
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    labels = torch.as_tensor(np.array(labels), dtype=torch.long)
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"labels must be class ids 0..{n_classes - 1}; got {labels.min()}..{labels.max()}.")
     onehot = F.one_hot(labels, n_classes).to(feats.dtype)  # (N, C)
@@ -1646,6 +1646,58 @@ def choose_prototype_weight(
 # 7. DINOv2 (SurgeNet) fine-tuning
 # =============================================================================================
 
+
+@dataclass(frozen=True)
+class PrototypeClassifier:
+    """Joint vision-language prototypes [C, D] with the temperature and weight chosen on validation."""
+
+    class_names: tuple[str, ...]
+    protos: torch.Tensor  # (C, D) unit rows
+    temperature: float
+    weight: float  # joint weight: 1 = image prototypes only, 0 = text prototypes only
+    with_descriptions: bool  # whether the data's English descriptions joined the class prompts
+    table: pd.DataFrame  # the validation grid behind the choice
+
+    def predict_proba(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, C) class probabilities of unit features [N, D]."""
+        return prototype_classify(feats, self.protos, self.temperature)
+
+
+def fit_prototype_classifier(
+    model: torch.nn.Module, tokenizer: Callable, device: torch.device | str,
+    train_feats: torch.Tensor, train_y: Sequence[int], val_feats: torch.Tensor, val_y: Sequence[int],
+    class_names: Sequence[str], class_texts: Mapping[str, Sequence[str]],
+    train_labels: Sequence[str] = (), train_descriptions: Sequence[str] = (),
+    label_map: Mapping[str, str] | None = None,
+) -> PrototypeClassifier:
+    """The paper's prototype classifier at one level (coarse or fine).
+
+    Image prototypes are class means of training embeddings; text prototypes come from the prompt
+    templates, with and without the training images' English descriptions (`train_labels[i]` is
+    the label string of `train_descriptions[i]`, mapped by `label_map`); the joint weight, the
+    temperature and whether descriptions help are all chosen on validation (macro F1).
+    """
+    img = image_prototypes(train_feats, train_y, len(class_names), allow_empty=True)
+    base = build_class_prompts(class_names, class_texts)
+    candidates = {False: base}
+    if any(d.strip() for d in train_descriptions):
+        candidates[True] = add_description_prompts(base, train_labels, train_descriptions, label_map)
+    best = None
+    for with_desc, prompts in candidates.items():
+        txt = text_prototypes(model, tokenizer, prompts, device, class_names=list(class_names))
+        choice = choose_prototype_weight(val_feats, val_y, img, txt)
+        score = choice.table["macro_f1"].max()
+        if best is None or score > best[0]:
+            best = (score, with_desc, txt, choice)
+    _, with_desc, txt, choice = best
+    return PrototypeClassifier(tuple(class_names), joint_prototypes(img, txt, choice.weight), choice.temperature,
+                               choice.weight, with_desc, choice.table)
+
+
+def take(feats: torch.Tensor, index: Mapping[str, int], paths: Iterable[str]) -> torch.Tensor:
+    """Rows of a feature table [N, D] for `paths`, through a {path: row} index: [len(paths), D]."""
+    return feats[[index[str(p)] for p in paths]]
+
 # ---------------------------------------------------------------------------------------------
 # 7.1 Constants
 # ---------------------------------------------------------------------------------------------
@@ -1657,7 +1709,9 @@ DINO_MODEL_NAME: str = "vit_base_patch14_reg4_dinov2"
 # `build_dino("tiny")`: a small random ViT of the same family (patch 14, 4 registers, layer
 # scale, no pos-embed for prefix tokens) for offline tests and the demo run; never a real result.
 DINO_TINY_ARCH: str = "vit_small_patch14_reg4_dinov2"
-DINO_TINY_KWARGS: Mapping[str, int] = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+# init_values=1.0: DINOv2's LayerScale starts at 1e-5, which leaves a random tiny model's CLS token
+# nearly the same for every image; at 1.0 the demo's tiny model learns within seconds.
+DINO_TINY_KWARGS: Mapping[str, float] = {"embed_dim": 96, "depth": 3, "num_heads": 3, "init_values": 1.0}
 
 # Outer wrappers and key prefixes of DINO checkpoints: DINOv2 training saves {"teacher":
 # {"backbone.*", "dino_head.*"}}, generic trainers {"model": ...} / {"state_dict": ...}, DDP
@@ -1696,7 +1750,8 @@ def build_dino(
 
     `weights`: a SurgeNet(DINO) `.pth` path or URL, loaded with `load_dino_weights` (timm's own
     DINOv2 key conversion, registers kept, position embedding resampled to `image_size`, every
-    backbone key checked). Empty -> random init (a warning; fine for smoke tests only).
+    backbone key checked). Empty -> no SurgeNet: timm's own pretrained DINOv2 weights (LVD-142M,
+    downloaded from the hub, so internet is needed). "random" -> random init (smoke tests only).
     `model_name="tiny"` builds a small random ViT offline (seeded by `seed`) and ignores `weights`.
     `image_size` must be a multiple of the patch size (14).
     """
@@ -1707,19 +1762,31 @@ def build_dino(
                 DINO_TINY_ARCH, pretrained=False, img_size=image_size, num_classes=0, **DINO_TINY_KWARGS
             )
     else:
-        model = timm.create_model(model_name, pretrained=False, img_size=image_size, num_classes=0)
+        model = _create_timm_backbone(model_name, pretrained=not weights, image_size=image_size)
     patch = model.patch_embed.patch_size[0]
     if image_size % patch:
         raise ValueError(
             f"image_size={image_size} is not a multiple of {model_name}'s patch size {patch}; "
             f"use e.g. {patch * round(image_size / patch)} (224 and 336 are multiples of 14)."
         )
-    if model_name != "tiny":
-        if weights:
-            load_dino_weights(model, weights)
-        else:
-            warnings.warn(f"build_dino({model_name!r}): no weights given, the backbone is random.")
+    if model_name != "tiny" and weights == "random":
+        warnings.warn(f"build_dino({model_name!r}, weights='random'): the backbone is random (smoke tests only).")
+    elif model_name != "tiny" and weights:
+        load_dino_weights(model, weights)
     return model.to(device) if device is not None else model
+
+
+def _create_timm_backbone(model_name: str, pretrained: bool, image_size: int) -> nn.Module:
+    """timm.create_model without a classifier; a failed hub download says what to do instead."""
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, img_size=image_size, num_classes=0)
+    except (OSError, RuntimeError) as e:  # huggingface_hub raises OSError subclasses when offline
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"Could not download timm's pretrained weights for {model_name!r} ({type(e).__name__}: {e}). "
+            "Turn internet on, set dino_weights to a local SurgeNet .pth, or dino_weights='random' for a smoke test."
+        ) from e
 
 
 def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -3395,6 +3462,20 @@ def split_finding_lines(description: str) -> list[str]:
     """A description's finding lines (split on \\r\\n / \\n / \\r), stripped, empties dropped."""
     lines = (line.strip(" \t-\u2022") for line in re.split(r"\r\n|\r|\n", description or ""))
     return [line for line in lines if line]
+
+
+def i2i_eval_set(i2i: pd.DataFrame) -> tuple[list[str], list[int], list[set[int]]]:
+    """Track 2 evaluation from annotated pairs: the gallery is every image of the pairs (as the
+    test's query set is its own gallery); each pair's query is a query, its match relevant.
+    Returns (gallery_paths, query_rows into the gallery, relevant row sets)."""
+    gallery = sorted(set(i2i["query_path"]) | set(i2i["match_path"]))
+    row = {p: i for i, p in enumerate(gallery)}
+    relevant: dict[int, set[int]] = defaultdict(set)
+    for q, m in zip(i2i["query_path"], i2i["match_path"]):
+        if q != m:
+            relevant[row[q]].add(row[m])
+    queries = sorted(relevant)
+    return gallery, queries, [relevant[q] for q in queries]
 
 
 def description_queries(descriptions: Sequence[str]) -> tuple[list[str], list[set[int]]]:

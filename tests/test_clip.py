@@ -552,3 +552,32 @@ def test_local_dir_without_text_tower_files_says_what_to_put_where(tmp_path):
         load_clip(f"local-dir:{tmp_path}", CPU)
     with pytest.raises(ValueError, match="hf-hub:"):
         load_clip("ViT-B-32", CPU)
+
+
+def test_fit_prototype_classifier_chooses_on_validation_and_predicts_probabilities():
+    model, _, tokenizer = load_clip("tiny", "cpu")
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=1)
+    y = torch.arange(60) % 3
+    feats = torch.nn.functional.normalize(centers[y] + 0.3 * torch.randn(60, 32, generator=g), dim=1)
+    from utils import fit_prototype_classifier
+    clf = fit_prototype_classifier(model, tokenizer, "cpu", feats[:40], y[:40].tolist(), feats[40:], y[40:].tolist(),
+                                   ["a", "b", "c"], {"a": ["ear"], "b": ["nose"], "c": ["throat"]},
+                                   train_labels=["a", "b", "c"] * 13 + ["a"],
+                                   train_descriptions=["red ear", "", "tonsils"] * 13 + [""])
+    probs = clf.predict_proba(feats[40:])
+    assert probs.shape == (20, 3) and torch.allclose(probs.sum(1), torch.ones(20))
+    text_only = clf.table.loc[clf.table["weight"] == 0.0, "macro_f1"].max()
+    assert clf.weight > 0.0 and text_only < clf.table["macro_f1"].max()  # random text alone loses
+    assert (probs.argmax(1) == y[40:]).float().mean() > 0.9
+    assert set(clf.table.columns) >= {"weight", "temperature", "macro_f1"}
+
+
+def test_take_and_i2i_eval_set():
+    import pandas as pd
+    from utils import i2i_eval_set, take
+    feats = torch.arange(12.0).reshape(4, 3)
+    assert take(feats, {"a": 2, "b": 0}, ["b", "a"]).tolist() == [[0, 1, 2], [6, 7, 8]]
+    i2i = pd.DataFrame({"query_path": ["x", "y", "z"], "match_path": ["y", "x", "x"]})
+    gallery, queries, relevant = i2i_eval_set(i2i)
+    assert gallery == ["x", "y", "z"] and queries == [0, 1, 2] and relevant == [{1}, {0}, {0}]

@@ -384,3 +384,21 @@ def test_learning_curve_plots_both_panels():
     fig = plot_learning_curve(history)
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3  # train, val, best-epoch marker
     assert fig.axes[1].lines[-1].get_xdata()[0] == 2  # best macro F1 at epoch 2
+
+
+def test_empty_weights_use_timm_pretrained_and_offline_failure_says_what_to_do(monkeypatch):
+    calls = []
+
+    def fake_create(name, pretrained=False, **kw):
+        calls.append(pretrained)
+        if pretrained:
+            raise OSError("We couldn't connect to the hub")
+        return real_create(name, pretrained=False, **kw)
+
+    real_create = ud.timm.create_model
+    monkeypatch.setattr(ud.timm, "create_model", fake_create)
+    with pytest.raises(RuntimeError, match="dino_weights"):
+        build_dino("vit_small_patch14_reg4_dinov2", weights="", image_size=56)
+    with pytest.warns(UserWarning, match="random"):
+        model = build_dino("vit_small_patch14_reg4_dinov2", weights="random", image_size=56)
+    assert calls == [True, False] and model.reg_token.shape[1] == 4
