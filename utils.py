@@ -649,45 +649,52 @@ def split_groups(images: pd.DataFrame, i2i: pd.DataFrame) -> np.ndarray:
     return np.array([find(i) for i in range(len(images))])
 
 
+def stratified_group_folds(labels: Sequence[int], groups: Sequence[int], n_splits: int, seed: int) -> np.ndarray:
+    """Fold id per sample (0..k-1), stratified by label and grouped (scikit-learn's
+    StratifiedGroupKFold). Small data is handled explicitly: k is capped by the number of groups
+    and by the largest class (sklearn refuses more folds than any class has members), and when
+    no class has two members the folds are grouped only (GroupKFold)."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    n_groups = len(np.unique(groups))
+    largest = np.bincount(np.unique(labels, return_inverse=True)[1]).max() if len(labels) else 0
+    k = min(n_splits, n_groups, largest)
+    if k >= 2:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    elif min(n_splits, n_groups) >= 2:
+        k = min(n_splits, n_groups)
+        splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    else:
+        raise ValueError(f"{len(labels)} samples in {n_groups} group(s) cannot be split into folds; add labelled images.")
+    folds = np.full(len(labels), -1)
+    with warnings.catch_warnings():
+        # sklearn warns when a class has fewer members than folds; that class then sits in fewer folds.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for fold, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            folds[held] = fold
+    return folds
+
+
 def split_train_val(images: pd.DataFrame, i2i: pd.DataFrame, val_fraction: float = 0.15,
                     seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, label-stratified train/validation split by group (see split_groups).
 
-    Returns (train_index, val_index) as positions into `images`. scikit-learn's
-    StratifiedGroupKFold with round(1/val_fraction) folds; the first fold is validation.
+    Returns (train_index, val_index) as positions into `images`: the first of round(1/val_fraction)
+    stratified group folds is validation (fewer folds when the data is too small for that many).
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    n_splits = max(2, round(1 / val_fraction))
-    groups = split_groups(images, i2i)
-    labels = images["label_id"].to_numpy()
-    min_count = np.bincount(labels).max() if len(labels) else 0
-    if len(images) < n_splits or min_count < 2:
-        raise ValueError(f"{len(images)} labelled images are too few for a {val_fraction:.0%} validation split.")
-    with warnings.catch_warnings():
-        # sklearn warns when a class has fewer members than folds; that class then sits on one side.
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
-    return np.sort(train_idx), np.sort(val_idx)
-
+    if len(images) < 2:
+        raise ValueError(f"{len(images)} labelled image(s) are too few for a validation split; add labelled images.")
+    folds = stratified_group_folds(images["label_id"].to_numpy(), split_groups(images, i2i),
+                                   max(2, round(1 / val_fraction)), seed)
+    return np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
 
 
 def grouped_fold_ids(labels: Sequence[int], groups: Sequence[int], n_splits: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold id (0..n_splits-1) per sample: stratified by label, grouped as split_groups groups
-    them, so cross-fitting on validation never tunes on one view of an examination and scores
-    the other. Uses scikit-learn's StratifiedGroupKFold."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    """Fold id per sample for cross-fitting on validation, grouped as split_groups groups them, so
+    a choice is never tuned on one view of an examination and scored on the other."""
+    return stratified_group_folds(labels, groups, n_splits, seed)
 
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    n_splits = max(2, min(n_splits, len(np.unique(groups))))
-    folds = np.full(len(labels), -1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-            folds[held] = k
-    return folds
 
 # =============================================================================================
 # 4. Demo data: a SYNTHETIC data set in the official layouts (never real ENTRep data)
@@ -1546,7 +1553,7 @@ def image_prototypes(
     A class with no sample raises ValueError; with allow_empty=True its row is all zeros instead (its
     logit is 0 for every image, and joint_prototypes then falls back to its text prototype).
     """
-    labels = torch.as_tensor(np.array(labels), dtype=torch.long)
+    labels = labels.long() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.array(labels), dtype=torch.long)
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"labels must be class ids 0..{n_classes - 1}; got {labels.min()}..{labels.max()}.")
     onehot = F.one_hot(labels, n_classes).to(feats.dtype)  # (N, C)

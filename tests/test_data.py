@@ -325,3 +325,12 @@ def test_resolve_dino_weights(tmp_path):
     assert got.endswith("DINOv2_ViTb14_size336_SurgeNetXL.pth")
     with pytest.warns(UserWarning, match="found no"):
         assert utils.resolve_dino_weights("auto", "vit_large_patch14_reg4_dinov2", [str(tmp_path)]) == ""
+
+
+def test_folds_on_tiny_data_cap_the_fold_count_instead_of_failing():
+    folds = utils.grouped_fold_ids([0, 1, 2, 2, 3], [0, 1, 2, 3, 4], n_splits=5, seed=0)  # largest class: 2
+    assert sorted(set(folds)) == [0, 1] and (folds >= 0).all()
+    folds = utils.grouped_fold_ids([0, 1, 2, 3], [0, 1, 2, 3], n_splits=5, seed=0)  # no class with two members
+    assert len(set(folds)) == 4
+    with pytest.raises(ValueError, match="add labelled images"):
+        utils.grouped_fold_ids([0, 1], [7, 7], n_splits=5, seed=0)
