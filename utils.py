@@ -1471,6 +1471,8 @@ def load_feature_cache(path: Path, key: str) -> dict[str, torch.Tensor]:
         sha1s = json.loads(meta["sha1s"])
         if meta.get("key") != key or feats.ndim != 2 or len(sha1s) != feats.shape[0]:
             raise ValueError("key or shapes do not match")
+        if meta.get("sha256") != _tensor_digest(feats, sha1s):
+            raise ValueError("content digest does not match (edited or damaged)")
         if not torch.isfinite(feats).all():
             raise ValueError("non-finite values")
     except (SafetensorError, OSError, ValueError, KeyError) as e:
@@ -1479,13 +1481,22 @@ def load_feature_cache(path: Path, key: str) -> dict[str, torch.Tensor]:
     return dict(zip(sha1s, feats.float()))
 
 
+def _tensor_digest(feats: torch.Tensor, sha1s: Sequence[str]) -> str:
+    """SHA-256 over an embedding table's float32 bytes and its row keys: detects edited caches."""
+    h = hashlib.sha256(json.dumps(list(sha1s)).encode())
+    h.update(feats.float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_feature_cache(path: Path, key: str, feats: Mapping[str, torch.Tensor]) -> None:
     """Write {sha1: embedding} as safetensors atomically (temp file in the same folder + os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    meta = {"key": key, "sha1s": json.dumps(list(feats)), "format": "entrep-clip-cache-1"}
-    save_file({"feats": torch.stack(list(feats.values())).contiguous()}, tmp, metadata=meta)
+    table = torch.stack(list(feats.values())).float().contiguous()
+    meta = {"key": key, "sha1s": json.dumps(list(feats)), "format": "entrep-clip-cache-2",
+            "sha256": _tensor_digest(table, list(feats))}
+    save_file({"feats": table}, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
@@ -2219,17 +2230,60 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is truncated, tampered with or not ours: never used, the run is redone."""
+
+
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temp file beside `path`, then os.replace: a crash never leaves half a file."""
+    """torch.save to a temp file beside `path`, then os.replace: a crash never leaves half a file.
+    A `<name>.sha256` digest is written after it, so load_torch_checkpoint can tell a complete,
+    untouched file from a truncated or edited one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
+    digest = _sha256_file(tmp)
     os.replace(tmp, path)
+    tmp_digest = path.with_name(f".{path.name}.sha256.{os.getpid()}.tmp")
+    tmp_digest.write_text(digest)
+    os.replace(tmp_digest, path.with_name(path.name + ".sha256"))
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load(weights_only=True) onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """torch.load(weights_only=True) onto the CPU after checking the file against its `.sha256`
+    digest; raises CheckpointError (saying which file and why) when it does not match or load."""
+    path = Path(path)
+    digest_path = path.with_name(path.name + ".sha256")
+    if not digest_path.is_file() or digest_path.read_text().strip() != _sha256_file(path):
+        raise CheckpointError(f"{path}: missing digest or content changed since it was written (truncated or edited).")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of a damaged file, or a non-tensor object
+        raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e}).") from e
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resumable_run(last_path: Path, best_path: Path, config_hash: str) -> dict | None:
+    """The saved state of an earlier run with this configuration, or None to start afresh. A
+    damaged last.pt, or a best.pt a resume would need, is reported and not used."""
+    if not last_path.exists():
+        return None
+    try:
+        ckpt = load_torch_checkpoint(last_path)
+        if ckpt.get("config_hash") != config_hash:
+            raise CheckpointError(f"{last_path} belongs to another configuration.")
+        if ckpt["best_epoch"] > 0:
+            load_torch_checkpoint(best_path)
+        return ckpt
+    except CheckpointError as e:
+        warnings.warn(f"train_dino: {e} Training this configuration again from the start.")
+        return None
 
 
 def dino_train_epoch(
@@ -2440,9 +2494,7 @@ def train_dino(
     run_dir = Path(checkpoint_dir) / f"dino_{config_hash[:12]}"
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     model.to(device)
-    ckpt = load_torch_checkpoint(last_path) if last_path.exists() else None
-    if ckpt is not None and ckpt["config_hash"] != config_hash:
-        raise RuntimeError(f"{last_path} belongs to another configuration (hash prefix clash); delete {run_dir}.")
+    ckpt = _resumable_run(last_path, best_path, config_hash)
     if ckpt is not None and ckpt["finished"]:
         tqdm.write(f"train_dino: reusing finished run {run_dir} (best epoch {ckpt['best_epoch']}).")
         model.load_state_dict(load_torch_checkpoint(best_path)["model"])

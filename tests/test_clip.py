@@ -176,14 +176,27 @@ def test_cache_misses_for_a_different_model(monkeypatch, image_paths, tmp_path):
     assert len(list(cache.glob("clip_image_feats_*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def _tamper(cache_file):
+    """Edit one embedding in place and save a valid safetensors file with the old metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(cache_file), framework="pt") as f:
+        meta, feats = f.metadata(), f.get_tensor("feats")
+    feats[0] = -feats[0]
+    save_file({"feats": feats}, str(cache_file), metadata=meta)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "tamper"])
 def test_corrupt_cache_is_detected_and_rebuilt(monkeypatch, image_paths, tmp_path, damage):
     model, preprocess, _ = build_tiny_clip(0)
     kw = dict(num_workers=0, amp_dtype=None, cache_dir=tmp_path / "cache", progress=False)
     good = embed_images(model, preprocess, image_paths, CPU, **kw)
     (cache_file,) = (tmp_path / "cache").glob("*.safetensors")
     data = cache_file.read_bytes()
-    cache_file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
+    if damage == "tamper":
+        _tamper(cache_file)
+    else:
+        cache_file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
     calls = count_images_encoded(monkeypatch, model)
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = embed_images(model, preprocess, image_paths, CPU, **kw)

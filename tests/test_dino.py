@@ -1,6 +1,7 @@
 """Tests for the DINOv2 part: CPU, the tiny random ViT (DINO_TINY_KWARGS, 4 registers), 28-56 px PNGs."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -406,3 +407,65 @@ def test_empty_weights_use_timm_pretrained_and_offline_failure_says_what_to_do(m
     with pytest.warns(UserWarning, match="random"):
         model = build_dino("vit_small_patch14_reg4_dinov2", weights="random", image_size=56)
     assert calls == [True, False] and model.reg_token.shape[1] == 4
+
+
+# --- runs that die, files that cannot be trusted ----------------------------------------------
+
+def test_a_killed_training_process_resumes_to_the_same_weights(data, tmp_path):
+    """SIGKILL after the first epoch's checkpoint, then the same call again: resumed, same result."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    train, val = data
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
+        import torch
+        torch.set_num_threads(1)
+        import test_dino, utils
+        real_save = utils.atomic_torch_save
+        def save_then_hang(obj, path):
+            real_save(obj, path)
+            if path.name == "last.pt":
+                print("EPOCH_SAVED", flush=True)
+                time.sleep(120)  # killed here by the test
+        utils.atomic_torch_save = save_then_hang
+        test_dino._train(({[(str(p), y) for p, y in train]!r}, {[(str(p), y) for p, y in val]!r}), {str(tmp_path / "killed")!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "EPOCH_SAVED"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    assert ud.load_torch_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    resumed, _, _ = _train(data, tmp_path / "killed")
+    full, _, _ = _train(data, tmp_path / "full")
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("damage", ["truncate last", "edit best", "no digest"])
+def test_damaged_checkpoints_are_detected_and_the_run_redone(data, tmp_path, damage):
+    full, _, _ = _train(data, tmp_path / "full")
+    _train(data, tmp_path / "run")
+    (run_dir,) = (tmp_path / "run").iterdir()
+    if damage == "truncate last":
+        blob = (run_dir / "last.pt").read_bytes()
+        (run_dir / "last.pt").write_bytes(blob[: len(blob) // 2])
+    elif damage == "edit best":
+        best = torch.load(run_dir / "best.pt", weights_only=True)
+        best["model"]["heads.coarse.weight"] += 1.0  # a valid file, but not the one we wrote
+        torch.save(best, run_dir / "best.pt")
+    else:
+        (run_dir / "last.pt.sha256").unlink()
+    with pytest.raises(ud.CheckpointError):
+        ud.load_torch_checkpoint(run_dir / ("best.pt" if damage == "edit best" else "last.pt"))
+    with pytest.warns(UserWarning, match="from the start"):
+        redone, history, _ = _train(data, tmp_path / "run")
+    assert len(history) == 3  # trained again, not reused
+    for (name, a), (_, b) in zip(full.state_dict().items(), redone.state_dict().items()):
+        assert torch.equal(a, b), name
