@@ -26,7 +26,8 @@ test: install
 
 # The images README.md shows, regenerated from a demo run.
 figures: demo
-	cp $(DEMO_OUT)/figures/samples_per_class.png figures/
+	cp $(DEMO_OUT)/figures/samples_per_class.png $(DEMO_OUT)/figures/retrieval_gallery_i2i.png \
+		$(DEMO_OUT)/figures/confusion_fine_hybrid.png figures/
 
 clean:
 	rm -rf outputs .pytest_cache

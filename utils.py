@@ -63,7 +63,6 @@ from sklearn.metrics import (
     log_loss,
     precision_recall_fscore_support,
 )
-from sklearn.model_selection import StratifiedKFold
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -2813,13 +2812,10 @@ class FusionChoice:
 
 
 def stratified_fold_ids(y_true, n_splits: int = 5, seed: int = 0) -> np.ndarray:
-    """(N,) fold id in 0..n_splits-1 per sample: scikit-learn's StratifiedKFold, shuffled with `seed`."""
+    """(N,) fold id per sample, stratified by label and shuffled with `seed`: stratified_group_folds
+    with one group per sample (fewer folds when the data is too small for n_splits)."""
     y_true = np.asarray(y_true)
-    fold_of = np.empty(len(y_true), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(y_true)), y_true)):
-        fold_of[held_out] = k
-    return fold_of
+    return stratified_group_folds(y_true, np.arange(len(y_true)), n_splits, seed)
 
 
 def best_grid_value(grid: Sequence[float], macro_f1, accuracy) -> float:
