@@ -98,6 +98,9 @@ LABEL_TO_COARSE: dict[str, str] = {
     "throat": "throat",
 }
 
+# Coarse region id of each official label id, from LABEL_TO_COARSE: (1, 1, 0, 0, 2, 2, 3).
+LABEL_ID_TO_COARSE_ID: tuple[int, ...] = tuple(COARSE_TO_ID[LABEL_TO_COARSE[name]] for name in LABELS)
+
 # The paper's fine decisions: one binary classifier per region that has two labels. Index 0/1 of
 # each pair is the binary target (ear side, nose side, vocal-cord state). Throat has none.
 FINE_TASKS: dict[str, tuple[str, str]] = {
@@ -613,6 +616,20 @@ def find_leakage(data: EntrepData) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True).drop_duplicates()
 
 
+def select_test_queries(queries: Mapping[str, pd.DataFrame], test_split: str = "auto") -> dict[str, pd.DataFrame]:
+    """One test list per track, never several merged (public and private test sets may both be
+    attached). "auto" keeps a track's only list and refuses to guess between several; any other
+    value keeps the lists whose folder contains it, case-insensitively (e.g. "Private")."""
+    out = {}
+    for track, q in queries.items():
+        sources = list(dict.fromkeys(q["source"]))
+        keep = sources if test_split == "auto" else [s for s in sources if test_split.lower() in s.lower()]
+        if len(keep) > 1:
+            raise ValueError(f"Track '{track}' has test lists in {keep}: set the test_split parameter to part of "
+                             "one folder name (e.g. 'Public' or 'Private') so that one test set is answered.")
+        out[track] = q[q["source"].isin(keep)].reset_index(drop=True)
+    return out
+
 def exam_id(file: str) -> str:
     """Examination of a public-release file `<8 digits>_<18 digits>_<3 digits>_imageNN.png`: its
     first two fields (several images share one examination); the file name itself otherwise."""
@@ -663,7 +680,9 @@ def stratified_group_folds(labels: Sequence[int], groups: Sequence[int], n_split
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     elif min(n_splits, n_groups) >= 2:
         k = min(n_splits, n_groups)
-        splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        splitter = GroupKFold(n_splits=k)  # shuffled through the group ids below (any sklearn version)
+        _, groups = np.unique(groups, return_inverse=True)
+        groups = np.random.default_rng(seed).permutation(n_groups)[groups]
     else:
         raise ValueError(f"{len(labels)} samples in {n_groups} group(s) cannot be split into folds; add labelled images.")
     folds = np.full(len(labels), -1)
@@ -1100,6 +1119,14 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a Figure (creating the folder) and release pyplot's hold on it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
 def plot_sample_grid(images: pd.DataFrame, per_class: int = 4, seed: int = 0, thumb: int = 160):
     """A grid of `per_class` random images for each label (rows in LABELS order); returns a Figure."""
     import matplotlib.pyplot as plt
@@ -1520,11 +1547,6 @@ def embed_texts(
 # 6.4 Prototypes and the prototype classifier
 # ---------------------------------------------------------------------------------------------
 
-def coarse_label_ids(label_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Official label ids (utils.LABELS) -> coarse region ids (utils.COARSE_CLASSES)."""
-    table = np.array([COARSE_TO_ID[LABEL_TO_COARSE[name]] for name in LABELS])
-    return table[np.asarray(label_ids, dtype=int)]
-
 
 def build_class_prompts(
     class_names: Sequence[str],
@@ -1659,10 +1681,6 @@ def choose_prototype_weight(
     return PrototypeChoice(float(best_w), float(best_t), table)
 
 
-# =============================================================================================
-# 7. DINOv2 (SurgeNet) fine-tuning
-# =============================================================================================
-
 
 @dataclass(frozen=True)
 class PrototypeClassifier:
@@ -1714,6 +1732,10 @@ def fit_prototype_classifier(
 def take(feats: torch.Tensor, index: Mapping[str, int], paths: Iterable[str]) -> torch.Tensor:
     """Rows of a feature table [N, D] for `paths`, through a {path: row} index: [len(paths), D]."""
     return feats[[index[str(p)] for p in paths]]
+
+# =============================================================================================
+# 7. DINOv2 (SurgeNet) fine-tuning
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # 7.1 Constants
@@ -1948,8 +1970,7 @@ def region_targets(labels7: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple
     """Official label ids (B,) -> coarse ids (B,) and, per fine task, (mask (B,) bool: sample is of
     that region, binary target (B,): index in FINE_TASKS[task], -1 outside the region)."""
     device = labels7.device
-    coarse_of = torch.tensor([COARSE_TO_ID[LABEL_TO_COARSE[name]] for name in LABELS], device=device)
-    coarse = coarse_of[labels7]
+    coarse = torch.tensor(LABEL_ID_TO_COARSE_ID, device=device)[labels7]
     fine = {}
     for task, pair in FINE_TASKS.items():
         target_of = torch.tensor([pair.index(name) if name in pair else -1 for name in LABELS], device=device)
@@ -2686,16 +2707,14 @@ def plot_learning_curve(history: pd.DataFrame) -> plt.Figure:
 # 8. Hybrid inference, metrics, result plots and submissions
 # =============================================================================================
 
-# =============================================================================================
-# Hybrid inference
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# 8.1 Hybrid inference
+# ---------------------------------------------------------------------------------------------
 
 # A fine head's p(second label of FINE_TASKS[region]) above this picks the second label; exactly
 # 0.5 picks the first, as argmax over [1 - p, p] does (the paper's binary heads: sigmoid at 0.5).
 FINE_DECISION_THRESHOLD: float = 0.5
 
-# Coarse region id of each official label id, from LABEL_TO_COARSE: (1, 1, 0, 0, 2, 2, 3).
-LABEL_ID_TO_COARSE_ID: tuple[int, ...] = tuple(COARSE_TO_ID[LABEL_TO_COARSE[name]] for name in LABELS)
 
 # Candidate values that validation chooses among (never tuned on test).
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(101))  # 0.00 .. 1.00
@@ -2782,9 +2801,9 @@ def soft_fusion_predict(
     return coarse_to_label7(fused.argmax(axis=1), dino_fine_probs)
 
 
-# =============================================================================================
-# Choosing the threshold / weight on validation (cross-fitted)
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# 8.2 Choosing the threshold / weight on validation (cross-fitted)
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
@@ -2921,9 +2940,9 @@ def choose_weight_cv(
     return cross_fit_choice(preds, y_true, grid, "weight", n_splits, seed, fold_of)
 
 
-# =============================================================================================
-# Metrics
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# 8.3 Metrics
+# ---------------------------------------------------------------------------------------------
 
 
 def _ids(y, name: str, n_classes: int | None = None) -> np.ndarray:
@@ -3058,9 +3077,9 @@ def branch_accuracy(y_true, y_pred, used_fallback) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("branch")
 
 
-# =============================================================================================
-# Result plots (each returns a matplotlib Figure; the notebook saves / shows it)
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# 8.4 Result plots (each returns a matplotlib Figure; the notebook saves / shows it)
+# ---------------------------------------------------------------------------------------------
 
 
 def plot_confusion(
@@ -3141,9 +3160,9 @@ def plot_misclassified_grid(
     return fig
 
 
-# =============================================================================================
-# Submissions (ENTREP.md "Submission files": each zip holds exactly one .json at its root)
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# 8.5 Submissions (ENTREP.md "Submission files": each zip holds exactly one .json at its root)
+# ---------------------------------------------------------------------------------------------
 
 TRACK1_JSON: str = "submission.json"  # {"<image file>": <int 0-6>}
 TRACK2_JSON: str = "submission_i2i.json"  # {"<query image>": "<retrieved image>"}, never itself
@@ -3532,6 +3551,34 @@ def i2i_eval_set(i2i: pd.DataFrame) -> tuple[list[str], list[int], list[set[int]
     queries = sorted(relevant)
     return gallery, queries, [relevant[q] for q in queries]
 
+
+def evaluate_i2i(feats: Mapping[str, torch.Tensor], region_probs: torch.Tensor, queries: Sequence[int],
+                 relevant: Sequence[set[int]], held_out: Sequence[int], k: int = 10) -> tuple[pd.DataFrame, dict]:
+    """Track 2 on annotated pairs for each candidate embedding {name: [G, D]} of one gallery.
+
+    Plain cosine ranking (the query itself excluded) and region re-ranking (region_probs [G, C]),
+    whose beta is chosen on the `held_out` pairs (positions into `queries`: pairs no model trained
+    on); the embedding is then chosen on the same pairs by R@1, then MRR. Those rows are therefore
+    optimistic, the "all pairs" rows include training images. Returns (table: embedding, pairs,
+    ranking, n, R@1, R@5, R@10, MRR; choice: embedding, beta, ranked [Q, k] of the chosen one).
+    """
+    choose_on = list(held_out) or list(range(len(queries)))
+    rows, ranked_by = [], {}
+    for name, f in feats.items():
+        scores, ranked = cosine_topk(f[list(queries)], f, k=k, query_ids=list(queries), gallery_ids=range(len(f)))
+        beta, _ = choose_rerank_beta(scores[choose_on], ranked[choose_on], region_probs[list(queries)][choose_on],
+                                     region_probs, [relevant[i] for i in choose_on])
+        reranked = rerank_by_region(scores, ranked, region_probs[list(queries)], region_probs, beta)[1]
+        ranked_by[name] = (beta, reranked)
+        for subset, idx in (("held-out pairs (choice)", choose_on), ("all pairs", list(range(len(queries))))):
+            for variant, r in (("plain", ranked), ("region re-rank", reranked)):
+                rows.append({"embedding": name, "pairs": subset, "ranking": variant, "beta": beta if variant != "plain" else 0.0,
+                             "n": len(idx), **retrieval_metrics(r[idx], [relevant[i] for i in idx])})
+    table = pd.DataFrame(rows)
+    pick = table[(table.pairs == "held-out pairs (choice)") & (table.ranking == "region re-rank")]
+    best = pick.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
+    beta, ranked = ranked_by[best.embedding]
+    return table, {"embedding": best.embedding, "beta": beta, "ranked": ranked}
 
 def description_queries(descriptions: Sequence[str]) -> tuple[list[str], list[set[int]]]:
     """Track 3 evaluation from the public set: every distinct finding line of the English

@@ -29,7 +29,6 @@ from utils import (
     choose_rerank_beta,
     build_class_prompts,
     choose_query_expansion,
-    coarse_label_ids,
     cosine_topk,
     description_queries,
     embed_images,
@@ -278,12 +277,13 @@ def test_prompts_cover_both_levels_and_take_description_lines():
     assert len(prompts["ear"]) == len(COARSE_CLASS_TEXTS["ear"]) * len(PROMPT_TEMPLATES)  # input untouched
 
 
-def test_coarse_label_ids_follow_label_to_coarse():
-    ids = coarse_label_ids(range(len(LABELS)))
+def test_coarse_of_follows_label_to_coarse():
+    from utils import coarse_of
+    ids = coarse_of(range(len(LABELS)))
     assert [COARSE_CLASSES[i] for i in ids] == [LABEL_TO_COARSE[name] for name in LABELS]
     fine = np.arange(35) % 7  # both levels run through the same prototype code
     feats = unit(35, 8, 0)
-    coarse_protos = image_prototypes(feats, coarse_label_ids(fine), len(COARSE_CLASSES))
+    coarse_protos = image_prototypes(feats, coarse_of(fine), len(COARSE_CLASSES))
     fine_protos = image_prototypes(feats, fine, len(LABELS))
     assert prototype_classify(feats, coarse_protos).shape == (35, 4)
     assert prototype_classify(feats, fine_protos).shape == (35, 7)
@@ -594,3 +594,20 @@ def test_take_and_i2i_eval_set():
     i2i = pd.DataFrame({"query_path": ["x", "y", "z"], "match_path": ["y", "x", "x"]})
     gallery, queries, relevant = i2i_eval_set(i2i)
     assert gallery == ["x", "y", "z"] and queries == [0, 1, 2] and relevant == [{1}, {0}, {0}]
+
+
+def test_evaluate_i2i_chooses_the_embedding_that_finds_partners_on_held_out_pairs():
+    from utils import evaluate_i2i
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1)
+    partners = base.repeat_interleave(2, 0)  # rows 2i and 2i+1 are near-duplicates
+    good = torch.nn.functional.normalize(partners + 0.05 * torch.randn(20, 16, generator=g), dim=1)
+    noise = torch.nn.functional.normalize(torch.randn(20, 16, generator=g), dim=1)
+    queries = list(range(20))
+    relevant = [{i ^ 1} for i in queries]
+    region = torch.full((20, 4), 0.25)
+    table, choice = evaluate_i2i({"noise": noise, "good": good}, region, queries, relevant, held_out=range(10), k=5)
+    assert choice["embedding"] == "good" and choice["ranked"].shape == (20, 5)
+    assert (choice["ranked"] != torch.arange(20)[:, None]).all()  # never the query itself
+    row = table[(table.embedding == "good") & (table.pairs == "all pairs") & (table.ranking == "plain")].iloc[0]
+    assert row["R@1"] == 1.0 and row["n"] == 20

@@ -334,3 +334,17 @@ def test_folds_on_tiny_data_cap_the_fold_count_instead_of_failing():
     assert len(set(folds)) == 4
     with pytest.raises(ValueError, match="add labelled images"):
         utils.grouped_fold_ids([0, 1], [7, 7], n_splits=5, seed=0)
+
+
+def test_select_test_queries_never_merges_two_test_sets():
+    q = {"cls": pd.DataFrame({"file": ["a.png", "b.png", "c.png"], "path": ["", "", ""],
+                              "source": ["Track1_Public", "Track1_Public", "Track1_Private"], "sha1": ["", "", ""]}),
+         "t2i": pd.DataFrame({"text": ["x"], "source": ["Track3_Public"]})}
+    with pytest.raises(ValueError, match="test_split"):
+        utils.select_test_queries(q, "auto")
+    private = utils.select_test_queries(q, "private")
+    assert private["cls"]["file"].tolist() == ["c.png"] and private["t2i"].empty
+    public = utils.select_test_queries(q, "Public")
+    assert public["cls"]["file"].tolist() == ["a.png", "b.png"] and public["t2i"]["text"].tolist() == ["x"]
+    only = utils.select_test_queries({"t2i": q["t2i"]}, "auto")
+    assert only["t2i"]["text"].tolist() == ["x"]
