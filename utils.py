@@ -1404,13 +1404,15 @@ def encode_batches(
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """Run `encode` on each input batch under inference_mode (+ autocast): [N, D] float32 unit rows."""
+    """Run `encode` on each input batch under inference_mode (+ autocast): [N, D] float32 unit rows
+    on the CPU. Rows stay on `device` until the end (N x D floats) and come back in one copy, so a
+    GPU is never stalled by a per-batch sync while the next batch is queued."""
     out = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for x in batches:
             feats = encode(x.to(device, non_blocking=True))
-            out.append(F.normalize(feats.float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
+            out.append(F.normalize(feats.float(), dim=-1))  # (B, D) on device
+    return torch.cat(out).cpu() if out else torch.empty(0, 0)
 
 
 def embed_images(
