@@ -1431,13 +1431,15 @@ def encode_batches(
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """Run `encode` on each input batch under inference_mode (+ autocast): [N, D] float32 unit rows."""
+    """Run `encode` on each input batch under inference_mode (+ autocast): [N, D] float32 unit rows
+    on the CPU. Rows stay on `device` until the end (N x D floats) and come back in one copy, so a
+    GPU is never stalled by a per-batch sync while the next batch is queued."""
     out = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for x in batches:
             feats = encode(x.to(device, non_blocking=True))
-            out.append(F.normalize(feats.float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
+            out.append(F.normalize(feats.float(), dim=-1))  # (B, D) on device
+    return torch.cat(out).cpu() if out else torch.empty(0, 0)
 
 
 def embed_images(
@@ -3386,13 +3388,21 @@ def cosine_topk(
     query_ids: Sequence | None = None,
     gallery_ids: Sequence | None = None,
     chunk_size: int = 1024,
+    gallery_chunk_size: int = 32768,
+    index: "faiss.Index | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k gallery items by cosine for each query: (scores [Q, k], indices [Q, k]), best first.
 
     Self-matches are never returned: exclude_self=True when the query set IS the gallery (same order),
     or pass query_ids/gallery_ids (file names, content hashes) and every pair with equal ids is
-    excluded. Ties are broken by the lower gallery index (stable sort). Memory is bounded by
-    chunk_size x G scores. k is clipped to the gallery size less one when excluding.
+    excluded. Ties are broken by the lower gallery index. k is clipped to the gallery size less one
+    when excluding.
+
+    Exact search (index=None) multiplies blocks of chunk_size queries by gallery_chunk_size gallery
+    rows and keeps a running top-k, so memory is bounded by chunk_size x gallery_chunk_size scores
+    (128 MiB at the defaults) whatever the gallery size. index: a FAISS index over the same
+    gallery rows (utils.faiss_index) searches with it instead: exact for kind="flat", approximate
+    for "ivf" (which may return fewer than k items: missing slots hold index -1, score -inf).
     """
     n_q, n_g = query_feats.shape[0], gallery_feats.shape[0]
     if exclude_self and query_ids is None:
@@ -3402,21 +3412,128 @@ def cosine_topk(
                 "and gallery_ids instead."
             )
         query_ids, gallery_ids = range(n_q), range(n_g)
-    excluding = query_ids is not None
-    if excluding:
+    q_codes = g_codes = None
+    if query_ids is not None:
         codes = {v: i for i, v in enumerate(dict.fromkeys([*query_ids, *gallery_ids]))}
-        q_codes = torch.tensor([codes[v] for v in query_ids])
-        g_codes = torch.tensor([codes[v] for v in gallery_ids])
-    k = min(k, n_g - 1 if excluding else n_g)
-    scores, indices = [], []
+        q_codes = torch.tensor([codes[v] for v in query_ids], dtype=torch.long)
+        g_codes = torch.tensor([codes[v] for v in gallery_ids], dtype=torch.long)
+    k = max(0, min(k, n_g - 1 if q_codes is not None else n_g))
+    if index is not None:
+        return _faiss_topk(index, query_feats, n_g, k, q_codes, g_codes)
+    scores, indices = [torch.empty(0, k)], [torch.empty(0, k, dtype=torch.long)]
     for start in range(0, n_q, chunk_size):
-        sim = query_feats[start:start + chunk_size].float() @ gallery_feats.float().T  # (q, G)
-        if excluding:
-            sim[q_codes[start:start + chunk_size, None] == g_codes[None, :]] = float("-inf")
-        s, i = torch.sort(sim, dim=1, descending=True, stable=True)
-        scores.append(s[:, :k])
-        indices.append(i[:, :k])
+        q = query_feats[start:start + chunk_size].float()
+        best_s = torch.empty(len(q), 0)
+        best_i = torch.empty(len(q), 0, dtype=torch.long)
+        for g_start in range(0, n_g, gallery_chunk_size):
+            sim = q @ gallery_feats[g_start:g_start + gallery_chunk_size].float().T  # (q, g)
+            if q_codes is not None:
+                same = q_codes[start:start + chunk_size, None] == g_codes[None, g_start:g_start + sim.shape[1]]
+                sim[same] = float("-inf")
+            s, i = _block_topk(sim, k)
+            best_s, best_i = _merge_ranked(best_s, best_i, s, i + g_start, k)
+        scores.append(best_s)
+        indices.append(best_i)
     return torch.cat(scores), torch.cat(indices)
+
+
+def _block_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top min(k, columns) of each row of a score block, best first, ties by lower column. torch.topk
+    may keep any of several equal scores at the cut: rows where a tie straddles it are redone
+    with a stable sort, so the result always equals a full stable sort's first k."""
+    k = min(k, sim.shape[1])
+    if 4 * k >= sim.shape[1]:
+        s, i = torch.sort(sim, dim=1, descending=True, stable=True)
+        return s[:, :k], i[:, :k]
+    s, i = torch.topk(sim, k, dim=1)  # (q, k)
+    cut = s[:, -1:]
+    straddles = (sim == cut).sum(1) > (s == cut).sum(1)  # equal scores left out at the cut
+    i, order = i.sort(dim=1)  # lower column first among equals, then best first (stable)
+    s = s.gather(1, order)
+    s, order = torch.sort(s, dim=1, descending=True, stable=True)
+    i = i.gather(1, order)
+    if straddles.any():
+        rows = straddles.nonzero().squeeze(1)
+        rs, ri = torch.sort(sim[rows], dim=1, descending=True, stable=True)
+        s[rows], i[rows] = rs[:, :k], ri[:, :k]
+    return s, i
+
+
+def _merge_ranked(s1: torch.Tensor, i1: torch.Tensor, s2: torch.Tensor, i2: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two ranked lists per row (each best first, ties by lower index; every index in the
+    first below every index in the second) into the best k."""
+    s, i = torch.cat([s1, s2], dim=1), torch.cat([i1, i2], dim=1)
+    s, order = torch.sort(s, dim=1, descending=True, stable=True)
+    return s[:, :k], i.gather(1, order)[:, :k]
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            "FAISS is not installed: `pip install faiss-cpu` (or faiss-gpu on a CUDA machine), or search "
+            "exactly with utils.cosine_topk(..., index=None)."
+        ) from e
+    return faiss
+
+
+def faiss_index(
+    gallery_feats: torch.Tensor,
+    kind: str = "flat",
+    nlist: int | None = None,
+    nprobe: int = 32,
+    seed: int = 0,
+) -> "faiss.Index":
+    """A FAISS inner-product index over L2-normalised gallery rows [G, D] (cosine = inner product),
+    for utils.cosine_topk(..., index=...). FAISS is imported here, only when asked for.
+
+    kind="flat": exact (IndexFlatIP), a copy of the gallery. kind="ivf": IndexIVFFlat, approximate:
+    k-means cells (nlist, default about 4 sqrt(G), at most 1024, trained on a seeded sample of
+    64 rows per cell) of which `nprobe` are scanned per query; for galleries beyond ~100k images,
+    where an exact scan costs G x D multiply-adds per query.
+    """
+    faiss = _import_faiss()
+    x = np.ascontiguousarray(gallery_feats.detach().float().cpu().numpy())  # (G, D)
+    n, dim = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        nlist = nlist or int(np.clip(4 * math.sqrt(n), 1, min(1024, max(1, n // 39))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * nlist), replace=False)
+        index.train(x[np.sort(sample)])
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise ValueError(f"kind={kind!r}: use 'flat' (exact) or 'ivf' (approximate, large galleries).")
+    index.add(x)
+    return index
+
+
+def _faiss_topk(index, query_feats: torch.Tensor, n_g: int, k: int, q_codes: torch.Tensor | None,
+                g_codes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cosine_topk through a FAISS index: asks for as many extra items as a query can exclude, drops
+    the excluded ones, and orders equal scores by lower index, as the exact search does."""
+    if index.ntotal != n_g:
+        raise ValueError(f"the FAISS index holds {index.ntotal} rows but the gallery has {n_g}: build it with "
+                         "utils.faiss_index(gallery_feats).")
+    extra = int(torch.bincount(g_codes).max()) if g_codes is not None and len(g_codes) else 0
+    q = np.ascontiguousarray(query_feats.detach().float().cpu().numpy())  # (Q, D)
+    if len(q) == 0 or k == 0:
+        return torch.empty(len(q), k), torch.empty(len(q), k, dtype=torch.long)
+    s, i = index.search(q, min(k + extra, n_g))  # (Q, k + extra), best first
+    s, i = torch.from_numpy(s), torch.from_numpy(i.astype(np.int64))
+    drop = i < 0
+    if q_codes is not None:
+        drop |= q_codes[:, None] == g_codes[i.clamp(min=0)]
+    s = s.masked_fill(drop, float("-inf"))
+    i = i.masked_fill(drop, n_g)  # sorts after every real index among equal scores
+    i, order = i.sort(dim=1)
+    s, order2 = torch.sort(s.gather(1, order), dim=1, descending=True, stable=True)
+    i = i.gather(1, order2)[:, :k]
+    return s[:, :k], i.masked_fill(i == n_g, -1)
 
 
 def _relevant_sets(relevant: Sequence[int | Iterable[int]]) -> list[set[int]]:
