@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO_OUT ?= outputs/demo
+# On a shared machine, OpenMP threads that spin while they wait starve the other process's threads:
+# the demo's tiny-model epochs went from 0.7 s to 17 s next to one busy neighbour, and stay at ~1 s
+# with passive waiting, which costs the large matrix multiplies nothing (benchmarks/README.md).
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test figures clean
+.PHONY: install demo test bench figures clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +27,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Speed of embedding, decoding, fine-tuning, the demo and retrieval (README.md "Performance").
+bench: install
+	$(PY) benchmarks/bench.py --out outputs/benchmark.json --markdown outputs/benchmark.md
 
 # The images README.md shows, regenerated from a demo run.
 figures: demo
