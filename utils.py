@@ -3389,7 +3389,7 @@ def cosine_topk(
     gallery_ids: Sequence | None = None,
     chunk_size: int = 1024,
     gallery_chunk_size: int = 32768,
-    index: "faiss.Index | None" = None,
+    index: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k gallery items by cosine for each query: (scores [Q, k], indices [Q, k]), best first.
 
@@ -3485,9 +3485,9 @@ def faiss_index(
     nlist: int | None = None,
     nprobe: int = 32,
     seed: int = 0,
-) -> "faiss.Index":
-    """A FAISS inner-product index over L2-normalised gallery rows [G, D] (cosine = inner product),
-    for utils.cosine_topk(..., index=...). FAISS is imported here, only when asked for.
+) -> object:
+    """A FAISS inner-product index (a faiss.Index) over L2-normalised gallery rows [G, D] (cosine =
+    inner product), for utils.cosine_topk(..., index=...). FAISS is imported here, only when asked for.
 
     kind="flat": exact (IndexFlatIP), a copy of the gallery. kind="ivf": IndexIVFFlat, approximate:
     k-means cells (nlist, default about 4 sqrt(G), at most 1024, trained on a seeded sample of
