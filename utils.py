@@ -206,6 +206,14 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return to_rgb(im)
 
 
+def load_thumbnail(path: str | os.PathLike, px: int = 256) -> np.ndarray:
+    """An image decoded with load_rgb and shrunk to fit px x px (aspect kept), (H, W, 3) uint8: what
+    the figures draw, so rendering never resamples full-size frames."""
+    im = load_rgb(path)
+    im.thumbnail((px, px))
+    return np.asarray(im)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert a decoded PIL image of any mode to 8-bit RGB (alpha composited on black)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -222,13 +230,28 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def file_stat_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(absolute path, size in bytes, modification time in ns): what says a file is unchanged."""
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+# SHA-1s already computed in this process, by file_stat_key: the loader, the embedding and the
+# prediction caches all ask for the same files, and a changed file has another key.
+_SHA1_BY_STAT: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-1 of a file's bytes: the identity used for leakage checks and caches."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-1 of a file's bytes: the identity used for leakage checks and caches. Computed once per
+    process for each (path, size, mtime) and remembered."""
+    key = file_stat_key(path)
+    if key not in _SHA1_BY_STAT:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _SHA1_BY_STAT[key] = h.hexdigest()
+    return _SHA1_BY_STAT[key]
 
 
 # =============================================================================================
@@ -328,11 +351,14 @@ class EntrepData:
 
 
 class _Collector:
-    """Accumulates rows and problems while annotation files are read."""
+    """Accumulates rows and problems while annotation files are read. `checks` holds earlier
+    decode checks by file_stat_key (see load_image_checks); new ones are added to it."""
 
-    def __init__(self, root: Path, check_images: bool):
+    def __init__(self, root: Path, check_images: bool, checks: dict[tuple, dict] | None = None):
         self.index = FileIndex.build(root)
         self.check_images = check_images
+        self.checks = {} if checks is None else checks
+        self.new_checks = 0
         self.problems: list[dict] = []
         self.inventory: list[dict] = []
         self._image_status: dict[Path, tuple[str, dict]] = {}
@@ -367,16 +393,50 @@ class _Collector:
 
     def _check(self, path: Path) -> tuple[str, dict]:
         if path not in self._image_status:
-            info = {"sha1": file_sha1(path)}
-            error = ""
-            if self.check_images:
-                try:
-                    im = load_rgb(path)
-                    info.update(width=im.width, height=im.height)
-                except ImageDecodeError as e:
-                    error = str(e)
-            self._image_status[path] = (error, info)
+            key = file_stat_key(path)
+            known = self.checks.get(key)
+            if known is None or (self.check_images and not known["decoded"]):
+                known = {"sha1": file_sha1(path), "decoded": self.check_images, "error": "", "size": None}
+                if self.check_images:
+                    try:
+                        im = load_rgb(path)
+                        known["size"] = [im.width, im.height]
+                    except ImageDecodeError as e:
+                        known["error"] = str(e)
+                self.checks[key] = known
+                self.new_checks += 1
+            _SHA1_BY_STAT.setdefault(key, known["sha1"])
+            info = {"sha1": known["sha1"]}
+            if known["size"]:
+                info.update(width=known["size"][0], height=known["size"][1])
+            self._image_status[path] = (known["error"], info)
         return self._image_status[path]
+
+
+IMAGE_CHECKS_FORMAT = "entrep-image-checks-1"
+
+
+def load_image_checks(path: str | os.PathLike) -> dict[tuple, dict]:
+    """Decode checks saved by an earlier load_entrep ({file_stat_key: {sha1, decoded, error, size}});
+    {} when absent. An unreadable or foreign file is reported and ignored (checks are redone)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != IMAGE_CHECKS_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}")
+        return {(e["path"], int(e["bytes"]), int(e["mtime_ns"])): {k: e[k] for k in ("sha1", "decoded", "error", "size")}
+                for e in data["files"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        warnings.warn(f"{path}: unreadable image-check cache ({type(e).__name__}: {e}); checking every image again.")
+        return {}
+
+
+def save_image_checks(checks: Mapping[tuple, Mapping], path: str | os.PathLike) -> Path:
+    """Write decode checks for load_image_checks (atomic JSON)."""
+    files = [{"path": p, "bytes": size, "mtime_ns": mtime, **facts} for (p, size, mtime), facts in checks.items()]
+    return save_json({"format": IMAGE_CHECKS_FORMAT, "files": files}, path)
 
 
 def _read_json(path: Path, col: _Collector):
@@ -529,7 +589,8 @@ def find_annotation_files(root: str | os.PathLike) -> list[Path]:
     return out
 
 
-def load_entrep(root: str | os.PathLike, check_images: bool = True, strict_labels: bool = False) -> EntrepData:
+def load_entrep(root: str | os.PathLike, check_images: bool = True, strict_labels: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> EntrepData:
     """Find and load every ENTRep layout under `root` (see ENTREP.md "Data layouts seen").
 
     Train release (cls/i2i/t2i.json), public release (data.json), test query lists
@@ -537,12 +598,17 @@ def load_entrep(root: str | os.PathLike, check_images: bool = True, strict_label
     name anywhere under root, case-insensitively. Nothing is dropped silently: every referenced
     image is in `inventory` as loaded or skipped with a reason, and each problem has a message
     naming the file and the fix. With strict_labels, an unknown label raises instead.
+
+    Every referenced image is hashed (SHA-1) and, with check_images, decoded once. With
+    `cache_dir`, those results are kept in `cache_dir/image_checks.json` by path, size and
+    modification time, so a rerun reads only new or changed files.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data_path '{root}' is not a folder. Point data_path at the unpacked ENTRep "
                                 "data, or use data_path='demo' for the synthetic demo set.")
-    col = _Collector(root, check_images)
+    checks_path = None if cache_dir is None else Path(cache_dir) / "image_checks.json"
+    col = _Collector(root, check_images, None if checks_path is None else load_image_checks(checks_path))
     rows: list[dict] = []
     i2i: list[dict] = []
     t2i: list[dict] = []
@@ -573,6 +639,8 @@ def load_entrep(root: str | os.PathLike, check_images: bool = True, strict_label
     images = pd.DataFrame(rows, columns=["path", "file", "source", "release", "label", "label_id", "coarse",
                                          "description_en", "description_vi", "type", "sha1", "width", "height"])
     images, dup_problems = _drop_duplicate_records(images)
+    if checks_path is not None and col.new_checks:
+        save_image_checks(col.checks, checks_path)
     problems = pd.concat([problems, dup_problems], ignore_index=True)
     return EntrepData(
         root=root, images=images.reset_index(drop=True),
@@ -1139,9 +1207,7 @@ def plot_sample_grid(images: pd.DataFrame, per_class: int = 4, seed: int = 0, th
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
             if c < len(pick):
-                im = load_rgb(pick.iloc[c]["path"])
-                im.thumbnail((thumb, thumb))
-                ax.imshow(im)
+                ax.imshow(load_thumbnail(pick.iloc[c]["path"], thumb))
         axes[r][0].set_title(lab, loc="left", fontsize=9)
     fig.tight_layout()
     return fig
@@ -1408,7 +1474,7 @@ class ImagePathDataset(Dataset):
 
 
 
-def clip_model_id(model: torch.nn.Module, preprocess: Callable | None = None, n_samples: int = 64) -> str:
+def model_identity(model: torch.nn.Module, preprocess: Callable | None = None, n_samples: int = 64) -> str:
     """Identity of a model + preprocessing for caches: SHA-1 of every tensor's name, shape, dtype and
     `n_samples` evenly spaced values, plus the preprocess repr (memory addresses removed).
 
@@ -1457,7 +1523,7 @@ def embed_images(
     """CLIP image embeddings [N, D] (float32, L2-normalised, CPU), in the order of `paths`.
 
     With `cache_dir`, embeddings are stored per file content (utils.file_sha1) in one safetensors
-    file per model identity (model_id, default clip_model_id(model, preprocess), + amp dtype): a
+    file per model identity (model_id, default model_identity(model, preprocess), + amp dtype): a
     rerun encodes nothing, a changed file re-encodes only that file, another model gets its own file.
     num_workers: DataLoader workers (default min(4, CPUs)).
     """
@@ -1475,13 +1541,25 @@ def embed_images(
 
     if cache_dir is None:
         return encode_paths(paths)
-    key = hashlib.sha1(f"{model_id or clip_model_id(model, preprocess)}|{amp}".encode()).hexdigest()
-    cache_path = Path(cache_dir) / f"clip_image_feats_{key[:20]}.safetensors"
+    key = hashlib.sha1(f"{model_id or model_identity(model, preprocess)}|{amp}".encode()).hexdigest()
+    return cached_rows(paths, encode_paths, Path(cache_dir) / f"clip_image_feats_{key[:20]}.safetensors", key)
+
+
+def cached_rows(
+    paths: Sequence[str | os.PathLike],
+    compute: Callable[[list], torch.Tensor],
+    cache_path: Path,
+    key: str,
+) -> torch.Tensor:
+    """Rows [N, D] for `paths`, kept per file content (file_sha1) in the safetensors cache at
+    `cache_path`, made under `key` (the identity of whatever computes them). Rows already there are
+    read; `compute(paths) -> [M, D]` runs once per new content and the cache is rewritten
+    atomically. A cache made under another key, truncated or edited is reported and rebuilt."""
     sha1s = [file_sha1(p) for p in paths]
     cached = load_feature_cache(cache_path, key)
     todo = {s: p for s, p in zip(sha1s, paths) if s not in cached}  # one path per new content
     if todo:
-        new = encode_paths(list(todo.values()))  # (M, D)
+        new = compute(list(todo.values()))  # (M, D)
         cached.update(zip(todo, new))
         save_feature_cache(cache_path, key, cached)
     return torch.stack([cached[s] for s in sha1s]) if sha1s else torch.empty(0, 0)
@@ -2639,6 +2717,18 @@ def _eval_loader(model: nn.Module, paths: Sequence, batch_size: int, num_workers
     return _loader(dataset, batch_size, num_workers, device, shuffle=False)
 
 
+def _dino_cached(model: nn.Module, paths: Sequence, kind: str, compute: Callable[[list], torch.Tensor],
+                 cache_dir, model_id: str | None, amp, tta_flip: bool) -> torch.Tensor:
+    """compute(paths) -> (N, D), or through cached_rows under `cache_dir` when given. The key holds
+    the model (model_id, e.g. a checkpoint's SHA-256, else model_identity), its eval transform,
+    the AMP dtype, flip TTA and `kind`."""
+    if cache_dir is None:
+        return compute(list(paths))
+    transform = dino_transforms(model, dino_image_size(model), train=False)
+    key = hashlib.sha1(f"{kind}|{model_id or model_identity(model, transform)}|{amp}|tta={tta_flip}".encode()).hexdigest()
+    return cached_rows(paths, compute, Path(cache_dir) / f"{kind}_{key[:20]}.safetensors", key)
+
+
 def predict_dino(
     model: ENTRepNet,
     paths: Sequence[str | os.PathLike],
@@ -2648,17 +2738,28 @@ def predict_dino(
     amp_dtype: "str | torch.dtype | None" = "auto",
     num_workers: int = 0,
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    model_id: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Probabilities for images: {"coarse": (N, 4) over COARSE_CLASSES, "ear"/"nose"/"vc": (N,)
     p(FINE_TASKS[task][1]) i.e. p(ear-right), p(nose-right), p(vc-closed)}. `tta_flip` averages
-    with the mirrored image (`flip_tta_probs`). Feed the result to `dino_fine_probs` for (N, 7)."""
+    with the mirrored image (`flip_tta_probs`). Feed the result to `dino_fine_probs` for (N, 7).
+    With `cache_dir`, probabilities are kept per file content (cached_rows) under the model's
+    identity (`model_id`, e.g. the checkpoint's SHA-256): a rerun predicts only new files."""
     device = resolve_device(device) if isinstance(device, str) else device
     amp = resolve_amp_dtype(amp_dtype, device)
-    loader = _eval_loader(model, paths, batch_size, num_workers, device, progress)
-    probs = task_probs(collect_outputs(model, loader, device, amp, progress=progress)[0])
-    if tta_flip:
-        probs = flip_tta_probs(probs, task_probs(collect_outputs(model, loader, device, amp, True, progress)[0]))
-    return probs
+
+    def compute(todo: list) -> torch.Tensor:
+        loader = _eval_loader(model, todo, batch_size, num_workers, device, progress)
+        probs = task_probs(collect_outputs(model, loader, device, amp, progress=progress)[0])
+        if tta_flip:
+            probs = flip_tta_probs(probs, task_probs(collect_outputs(model, loader, device, amp, True, progress)[0]))
+        return torch.from_numpy(np.column_stack([probs["coarse"], *(probs[t] for t in FINE_TASKS)])).float()
+
+    rows = _dino_cached(model, paths, "dino_probs", compute, cache_dir, model_id, amp, tta_flip)  # (N, 4 + tasks)
+    rows = rows.reshape(len(paths), len(COARSE_CLASSES) + len(FINE_TASKS)).numpy()
+    n = len(COARSE_CLASSES)
+    return {"coarse": rows[:, :n], **{task: rows[:, n + i] for i, task in enumerate(FINE_TASKS)}}
 
 
 def dino_features(
@@ -2670,17 +2771,24 @@ def dino_features(
     amp_dtype: "str | torch.dtype | None" = "auto",
     num_workers: int = 0,
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    model_id: str | None = None,
 ) -> torch.Tensor:
     """L2-normalised backbone embeddings (N, D) float32 on CPU (CLS token after the final norm) of
-    an ENTRepNet or a bare backbone. `tta_flip` averages with the mirror's embedding (side-blind)."""
+    an ENTRepNet or a bare backbone. `tta_flip` averages with the mirror's embedding (side-blind).
+    `cache_dir` / `model_id`: as for predict_dino."""
     device = resolve_device(device) if isinstance(device, str) else device
     amp = resolve_amp_dtype(amp_dtype, device)
     backbone = getattr(model, "backbone", model)
-    loader = _eval_loader(backbone, paths, batch_size, num_workers, device, progress)
-    feats = collect_outputs(backbone, loader, device, amp, progress=progress)[0]["features"]  # (N, D)
-    if tta_flip:
-        feats = feats + collect_outputs(backbone, loader, device, amp, True, progress)[0]["features"]
-    return F.normalize(feats, dim=-1)
+
+    def compute(todo: list) -> torch.Tensor:
+        loader = _eval_loader(backbone, todo, batch_size, num_workers, device, progress)
+        feats = collect_outputs(backbone, loader, device, amp, progress=progress)[0]["features"]  # (M, D)
+        if tta_flip:
+            feats = feats + collect_outputs(backbone, loader, device, amp, True, progress)[0]["features"]
+        return F.normalize(feats, dim=-1)
+
+    return _dino_cached(backbone, paths, "dino_feats", compute, cache_dir, model_id, amp, tta_flip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3151,9 +3259,7 @@ def plot_misclassified_grid(
         fig.delaxes(ax)
     for ax, i in zip(axes, shown):
         try:
-            image = load_rgb(paths[i])
-            image.thumbnail((320, 320))
-            ax.imshow(np.asarray(image))
+            ax.imshow(load_thumbnail(paths[i], 320))
         except (ImageDecodeError, FileNotFoundError) as e:
             ax.text(0.5, 0.5, f"cannot load\n{Path(paths[i]).name}\n{type(e).__name__}", ha="center", va="center", fontsize=7)
         ax.set_title(f"{label_names[y_true[i]]} / {label_names[y_pred[i]]}", fontsize=9)
@@ -3752,7 +3858,7 @@ def plot_retrieval_gallery(
 
 
 def _show_framed(ax: plt.Axes, path: str | os.PathLike, color: str, title: str) -> None:
-    ax.imshow(np.asarray(load_rgb(path)))
+    ax.imshow(load_thumbnail(path, 256))
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():

@@ -117,9 +117,8 @@ def test_csv_header_and_empty_list_are_reported(tmp_path):
 
 
 def test_class_folder_tree(tmp_path):
-    for split in ("train", "val"):
-        for label in ("Ear_Left", "nose-right"):
-            _png(tmp_path / split / label / f"{split}-{label}.png", (hash(split + label) % 255, 9, 9))
+    for i, (split, label) in enumerate([(s, lab) for s in ("train", "val") for lab in ("Ear_Left", "nose-right")]):
+        _png(tmp_path / split / label / f"{split}-{label}.png", (40 * i, 9, 9))  # distinct bytes, no duplicates
     _png(tmp_path / "train" / "not-a-class" / "z.png")
     data = utils.load_entrep(tmp_path)
     assert sorted(data.images["label"]) == ["ear-left", "ear-left", "nose-right", "nose-right"]
@@ -348,3 +347,54 @@ def test_select_test_queries_never_merges_two_test_sets():
     assert public["cls"]["file"].tolist() == ["a.png", "b.png"] and public["t2i"]["text"].tolist() == ["x"]
     only = utils.select_test_queries({"t2i": q["t2i"]}, "auto")
     assert only["t2i"]["text"].tolist() == ["x"]
+
+
+# ---- decode checks kept for reruns ----------------------------------------------------------
+
+
+def _three_images(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    for i, n in enumerate("abc"):
+        _png(root / "imgs" / f"{n}.png", (60 * i, 90, 90))
+    (root / "cls.json").write_text(json.dumps({"a.png": "ear-left", "b.png": "nose-right", "c.png": "throat"}))
+    return root
+
+
+def test_rerun_reuses_decode_checks(tmp_path, monkeypatch):
+    root, cache = _three_images(tmp_path), tmp_path / "cache"
+    first = utils.load_entrep(root, cache_dir=cache)
+    assert (cache / "image_checks.json").is_file()
+    utils._SHA1_BY_STAT.clear()  # as in a new process
+
+    def no_decoding(path, *a, **k):
+        raise AssertionError(f"decoded {path} again")
+
+    monkeypatch.setattr(utils, "load_rgb", no_decoding)
+    monkeypatch.setattr(utils.hashlib, "sha1", lambda *a: pytest.fail("hashed a file again"))
+    again = utils.load_entrep(root, cache_dir=cache)
+    pd.testing.assert_frame_equal(first.images, again.images)
+    pd.testing.assert_frame_equal(first.inventory, again.inventory)
+
+
+def test_changed_file_is_checked_again(tmp_path):
+    root, cache = _three_images(tmp_path), tmp_path / "cache"
+    first = utils.load_entrep(root, cache_dir=cache).images.set_index("file")
+    b = root / "imgs" / "b.png"
+    b.write_bytes(b.read_bytes()[:40])  # truncated: another size, another modification time
+    data = utils.load_entrep(root, cache_dir=cache)
+    assert data.problems["kind"].tolist() == ["undecodable"] and "b.png" in data.problems["message"][0]
+    assert sorted(data.images["file"]) == ["a.png", "c.png"]
+    _png(root / "imgs" / "b.png", (1, 2, 3), size=(70, 50))
+    row = utils.load_entrep(root, cache_dir=cache).images.set_index("file").loc["b.png"]
+    assert (row.width, row.height) == (70, 50) and row.sha1 != first.loc["b.png", "sha1"]
+    assert row.sha1 == hashlib.sha1(b.read_bytes()).hexdigest()
+
+
+def test_damaged_check_cache_is_reported_and_rebuilt(tmp_path):
+    root, cache = _three_images(tmp_path), tmp_path / "cache"
+    first = utils.load_entrep(root, cache_dir=cache)
+    (cache / "image_checks.json").write_text('{"format": "entrep-image-checks-1", "files": [{"path"')
+    with pytest.warns(UserWarning, match="image_checks.json: unreadable image-check cache"):
+        again = utils.load_entrep(root, cache_dir=cache)
+    pd.testing.assert_frame_equal(first.images, again.images)
+    assert len(utils.load_image_checks(cache / "image_checks.json")) == 3

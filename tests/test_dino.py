@@ -383,6 +383,29 @@ def test_features_are_l2_normalised_backbone_embeddings(data):
     assert torch.allclose(feats.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
+def test_predictions_and_features_are_cached_per_image_and_model(data, tmp_path, monkeypatch):
+    train, _ = data
+    paths = [p for p, _ in train[:5]]
+    model = _tiny_model()
+    kw = dict(device="cpu", batch_size=4, amp_dtype="fp32", progress=False)
+    fresh_p, fresh_f = predict_dino(model, paths, tta_flip=True, **kw), dino_features(model, paths, **kw)
+    cached = dict(kw, cache_dir=tmp_path, model_id="ckpt-a")
+    first_p, first_f = predict_dino(model, paths[:3], tta_flip=True, **cached), dino_features(model, paths[:3], **cached)
+    seen = []
+    real = ud.collect_outputs
+    monkeypatch.setattr(ud, "collect_outputs", lambda m, loader, *a, **k: seen.append(len(loader.dataset)) or real(m, loader, *a, **k))
+    p, f = predict_dino(model, paths, tta_flip=True, **cached), dino_features(model, paths, **cached)
+    assert seen == [2, 2, 2]  # only the 2 new images: probabilities (image + mirror), then features
+    assert all(np.array_equal(p[k], fresh_p[k]) for k in fresh_p) and torch.equal(f, fresh_f)
+    assert np.array_equal(p["coarse"][:3], first_p["coarse"]) and torch.equal(f[:3], first_f)
+    seen.clear()
+    predict_dino(model, paths, tta_flip=True, **cached)
+    assert seen == []  # a rerun runs the model on nothing
+    predict_dino(model, paths, tta_flip=False, **cached)
+    predict_dino(model, paths, tta_flip=True, **dict(cached, model_id="ckpt-b"))
+    assert seen == [5, 5, 5]  # other TTA setting, other checkpoint: their own caches
+
+
 def test_learning_curve_plots_both_panels():
     history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [2.0, 1.5, 1.0], "val_loss": [2.1, 1.7, 1.6],
                             "val_acc": [0.3, 0.5, 0.4], "val_macro_f1": [0.2, 0.45, 0.4]})
