@@ -3535,7 +3535,7 @@ def cosine_topk(
             sim = q @ gallery_feats[g_start:g_start + gallery_chunk_size].float().T  # (q, g)
             if q_codes is not None:
                 same = q_codes[start:start + chunk_size, None] == g_codes[None, g_start:g_start + sim.shape[1]]
-                sim[same] = float("-inf")
+                sim.masked_fill_(same, float("-inf"))
             s, i = _block_topk(sim, k)
             best_s, best_i = _merge_ranked(best_s, best_i, s, i + g_start, k)
         scores.append(best_s)
@@ -3548,12 +3548,14 @@ def _block_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     may keep any of several equal scores at the cut: rows where a tie straddles it are redone
     with a stable sort, so the result always equals a full stable sort's first k."""
     k = min(k, sim.shape[1])
+    if k == 0:
+        return sim[:, :0], torch.empty(sim.shape[0], 0, dtype=torch.long)
     if 4 * k >= sim.shape[1]:
         s, i = torch.sort(sim, dim=1, descending=True, stable=True)
         return s[:, :k], i[:, :k]
-    s, i = torch.topk(sim, k, dim=1)  # (q, k)
-    cut = s[:, -1:]
-    straddles = (sim == cut).sum(1) > (s == cut).sum(1)  # equal scores left out at the cut
+    s, i = torch.topk(sim, k + 1, dim=1)  # (q, k + 1): the extra one is the best score left out
+    straddles = s[:, k] == s[:, k - 1]  # a score equal to the k-th was left out: a tie at the cut
+    s, i = s[:, :k], i[:, :k]
     i, order = i.sort(dim=1)  # lower column first among equals, then best first (stable)
     s = s.gather(1, order)
     s, order = torch.sort(s, dim=1, descending=True, stable=True)

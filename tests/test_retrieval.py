@@ -45,6 +45,8 @@ def test_chunked_exact_search_equals_brute_force_with_ties(chunk_size, gallery_c
         ref_s, ref_i = brute_force(q, g, k)
         assert torch.equal(i, ref_i), (k, chunk_size, gallery_chunk_size)
         assert torch.equal(s, ref_s)
+    s, i = cosine_topk(q, g, 0, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size)
+    assert s.shape == i.shape == (40, 0)
 
 
 def test_chunked_exact_search_excludes_self_and_equal_ids_across_chunks():
