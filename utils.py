@@ -2128,28 +2128,47 @@ def train_cache_size(image_size: int) -> int:
     return math.ceil(image_size * TRAIN_CACHE_SCALE)
 
 
+def epoch_shard(
+    n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+) -> list[tuple[int, int]]:
+    """(index, sample_seed) pairs that process `rank` of `world_size` trains on in `epoch`.
+
+    The epoch's permutation of range(n) and the per-sample seeds are a pure function of
+    (seed, epoch). For DDP the list is padded by wrapping round to a multiple of `world_size`
+    (as torch's DistributedSampler does), then rank r takes every world_size-th pair from r on:
+    every rank gets ceil(n / world_size) pairs (DDP hangs when ranks run different step counts),
+    together they cover every index (a few padded ones twice), and with per-rank batches of
+    batch_size / world_size, step b's batches together are the single process's batch b.
+    """
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(state))
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    seeds = torch.randint(0, 2**62, (n,), generator=generator)
+    pairs = list(zip(order.tolist(), seeds.tolist()))
+    padded = (pairs * world_size)[: math.ceil(n / world_size) * world_size]
+    return padded[rank::world_size]
+
+
 class EpochSampler(Sampler):
-    """Yields (index, sample_seed) pairs; order and seeds depend only on (seed, epoch).
+    """Yields `epoch_shard` pairs (index, sample_seed); order and seeds depend only on (seed, epoch).
 
     Call `set_epoch(epoch)` before each epoch (as with DistributedSampler). A run resumed at epoch
-    e therefore sees exactly the batches and augmentations an uninterrupted run sees.
+    e therefore sees exactly the batches and augmentations an uninterrupted run sees. With
+    `world_size` > 1 it yields this `rank`'s share of the epoch (DDP, see `train_dino`).
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return math.ceil(self.n / self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state))
-        order = torch.randperm(self.n, generator=generator) if self.shuffle else torch.arange(self.n)
-        seeds = torch.randint(0, 2**62, (self.n,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter(epoch_shard(self.n, self.seed, self.epoch, self.rank, self.world_size, self.shuffle))
 
 
 def default_num_workers(device: torch.device) -> int:
@@ -2391,10 +2410,13 @@ def dino_loaders(
     num_workers: int,
     device: torch.device,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
     """Training loader (FlipSwapDataset cached at train_cache_size, train transforms, EpochSampler:
     call `loader.sampler.set_epoch(e)`) and validation loader (cached at the input size, eval
-    transforms, file order). Decodes every image once here."""
+    transforms, file order). Decodes every image once here. `batch_size` is per process: with
+    `world_size` > 1 the training loader yields this `rank`'s share of each epoch (`epoch_shard`)."""
     size = dino_image_size(model)
     train_set = FlipSwapDataset([r[0] for r in train_rows], [r[1] for r in train_rows],
                                 dino_transforms(model, size, train=True), train_cache_size(size), flip_p,
@@ -2402,7 +2424,8 @@ def dino_loaders(
     val_set = FlipSwapDataset([r[0] for r in val_rows], [r[1] for r in val_rows],
                               dino_transforms(model, size, train=False), size, progress=progress)
     # the generator only seeds worker processes; all sample randomness comes from EpochSampler
-    train_loader = _loader(train_set, batch_size, num_workers, device, sampler=EpochSampler(len(train_set), seed),
+    sampler = EpochSampler(len(train_set), seed, rank=rank, world_size=world_size)
+    train_loader = _loader(train_set, batch_size, num_workers, device, sampler=sampler,
                            generator=torch.Generator().manual_seed(seed))
     return train_loader, _loader(val_set, batch_size, num_workers, device, shuffle=False)
 

@@ -469,3 +469,25 @@ def test_damaged_checkpoints_are_detected_and_the_run_redone(data, tmp_path, dam
     assert len(history) == 3  # trained again, not reused
     for (name, a), (_, b) in zip(full.state_dict().items(), redone.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# --- two processes (torch DDP, gloo on the CPU) ------------------------------------------------
+
+
+def test_epoch_shards_are_equal_cover_the_epoch_and_depend_only_on_seed_and_epoch():
+    n, seed, epoch = 11, 5, 3
+    for world_size in (1, 2, 3, 4):
+        shards = [ud.epoch_shard(n, seed, epoch, rank, world_size) for rank in range(world_size)]
+        assert {len(shard) for shard in shards} == {math.ceil(n / world_size)}  # same step count on every rank
+        assert {index for shard in shards for index, _ in shard} == set(range(n))
+        assert len({pair for shard in shards for pair in shard}) == n  # a padded index keeps its sample seed
+    torch.manual_seed(123)  # the global RNGs play no part
+    assert ud.epoch_shard(n, seed, epoch, 1, 2) == ud.epoch_shard(n, seed, epoch, 1, 2)
+    assert ud.epoch_shard(n, seed, epoch + 1, 1, 2) != ud.epoch_shard(n, seed, epoch, 1, 2)
+    # with per-rank batches of B / 2, step b's two batches together are the single process's batch b
+    single, rank0, rank1 = (ud.epoch_shard(12, seed, epoch, r, w) for r, w in [(0, 1), (0, 2), (1, 2)])
+    for b in range(3):
+        assert set(single[4 * b: 4 * b + 4]) == set(rank0[2 * b: 2 * b + 2] + rank1[2 * b: 2 * b + 2])
+    sampler = ud.EpochSampler(n, seed, rank=1, world_size=2)
+    sampler.set_epoch(epoch)
+    assert len(sampler) == 6 and list(sampler) == ud.epoch_shard(n, seed, epoch, 1, 2)
