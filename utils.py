@@ -2206,28 +2206,47 @@ def train_cache_size(image_size: int) -> int:
     return math.ceil(image_size * TRAIN_CACHE_SCALE)
 
 
+def epoch_shard(
+    n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+) -> list[tuple[int, int]]:
+    """(index, sample_seed) pairs that process `rank` of `world_size` trains on in `epoch`.
+
+    The epoch's permutation of range(n) and the per-sample seeds are a pure function of
+    (seed, epoch). For DDP the list is padded by wrapping round to a multiple of `world_size`
+    (as torch's DistributedSampler does), then rank r takes every world_size-th pair from r on:
+    every rank gets ceil(n / world_size) pairs (DDP hangs when ranks run different step counts),
+    together they cover every index (a few padded ones twice), and with per-rank batches of
+    batch_size / world_size, step b's batches together are the single process's batch b.
+    """
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(state))
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    seeds = torch.randint(0, 2**62, (n,), generator=generator)
+    pairs = list(zip(order.tolist(), seeds.tolist()))
+    padded = (pairs * world_size)[: math.ceil(n / world_size) * world_size]
+    return padded[rank::world_size]
+
+
 class EpochSampler(Sampler):
-    """Yields (index, sample_seed) pairs; order and seeds depend only on (seed, epoch).
+    """Yields `epoch_shard` pairs (index, sample_seed); order and seeds depend only on (seed, epoch).
 
     Call `set_epoch(epoch)` before each epoch (as with DistributedSampler). A run resumed at epoch
-    e therefore sees exactly the batches and augmentations an uninterrupted run sees.
+    e therefore sees exactly the batches and augmentations an uninterrupted run sees. With
+    `world_size` > 1 it yields this `rank`'s share of the epoch (DDP, see `train_dino`).
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return math.ceil(self.n / self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state))
-        order = torch.randperm(self.n, generator=generator) if self.shuffle else torch.arange(self.n)
-        seeds = torch.randint(0, 2**62, (self.n,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter(epoch_shard(self.n, self.seed, self.epoch, self.rank, self.world_size, self.shuffle))
 
 
 def default_num_workers(device: torch.device) -> int:
@@ -2469,10 +2488,13 @@ def dino_loaders(
     num_workers: int,
     device: torch.device,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
     """Training loader (FlipSwapDataset cached at train_cache_size, train transforms, EpochSampler:
     call `loader.sampler.set_epoch(e)`) and validation loader (cached at the input size, eval
-    transforms, file order). Decodes every image once here."""
+    transforms, file order). Decodes every image once here. `batch_size` is per process: with
+    `world_size` > 1 the training loader yields this `rank`'s share of each epoch (`epoch_shard`)."""
     size = dino_image_size(model)
     train_set = FlipSwapDataset([r[0] for r in train_rows], [r[1] for r in train_rows],
                                 dino_transforms(model, size, train=True), train_cache_size(size), flip_p,
@@ -2480,7 +2502,8 @@ def dino_loaders(
     val_set = FlipSwapDataset([r[0] for r in val_rows], [r[1] for r in val_rows],
                               dino_transforms(model, size, train=False), size, progress=progress)
     # the generator only seeds worker processes; all sample randomness comes from EpochSampler
-    train_loader = _loader(train_set, batch_size, num_workers, device, sampler=EpochSampler(len(train_set), seed),
+    sampler = EpochSampler(len(train_set), seed, rank=rank, world_size=world_size)
+    train_loader = _loader(train_set, batch_size, num_workers, device, sampler=sampler,
                            generator=torch.Generator().manual_seed(seed))
     return train_loader, _loader(val_set, batch_size, num_workers, device, shuffle=False)
 
@@ -2531,6 +2554,163 @@ def restore_training(
     set_rng_state(ckpt["rng"])
 
 
+def resolve_world_size(world_size: int | str, device: torch.device) -> int:
+    """Training processes for `train_dino`: "auto" -> every visible GPU when `device` is CUDA
+    (Kaggle T4 x2: 2), else 1. An int is checked against the GPUs there are."""
+    if world_size == "auto":
+        return max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
+    if isinstance(world_size, str) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r}: use 'auto' or a number of processes >= 1.")
+    if world_size > 1 and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"world_size={world_size} needs device 'cuda' (NCCL) or 'cpu' (gloo), not {device}.")
+    if device.type == "cuda" and world_size > torch.cuda.device_count():
+        raise ValueError(f"world_size={world_size} but {torch.cuda.device_count()} GPU(s) are visible; "
+                         "use 'auto' (one process per GPU) or a smaller number.")
+    return world_size
+
+
+@dataclass(frozen=True)
+class _DinoRun:
+    """Everything one training process needs: `train_dino`'s resolved arguments (picklable, so a
+    spawned DDP rank gets it whole). `batch_size` is the global batch, `num_workers` per process."""
+
+    train_rows: list
+    val_rows: list
+    epochs: int
+    batch_size: int
+    lr_head: float
+    lr_backbone: float
+    layer_decay: float | None
+    weight_decay: float
+    warmup_epochs: float
+    grad_accum: int
+    max_grad_norm: float | None
+    amp: torch.dtype | None
+    device: torch.device
+    seed: int
+    patience: int | None
+    flip_p: float
+    num_workers: int
+    progress: bool
+    world_size: int
+    config_hash: str
+    run_dir: Path
+
+
+def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> float:
+    """Mean of `value` over the DDP ranks (all-reduce); `value` itself in a single process."""
+    if world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.item() / world_size
+
+
+def _rank0_decides(flag: bool, world_size: int, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (broadcast), so all ranks stop after the same epoch."""
+    if world_size == 1:
+        return flag
+    decision = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
+def _train_loop(model: ENTRepNet, run: _DinoRun, rank: int = 0, ckpt: Mapping | None = None) -> list[dict]:
+    """`train_dino`'s epoch loop, from `ckpt` (a last.pt to resume) or from scratch. Run by the single
+    process, or by every DDP rank of a process group already set up (CUDA: rank r on cuda:r). Each
+    rank trains its `epoch_shard` with batch_size / world_size; rank 0 evaluates the whole
+    validation set, writes best.pt / last.pt and decides when to stop. Returns rank 0's history."""
+    device = torch.device("cuda", rank) if run.world_size > 1 and run.device.type == "cuda" else run.device
+    main = rank == 0
+    model.to(device)
+    train_loader, val_loader = dino_loaders(model, run.train_rows, run.val_rows, run.batch_size // run.world_size,
+                                            run.seed, run.flip_p, run.num_workers, device, run.progress and main,
+                                            rank, run.world_size)
+    class_weights = {k: v.to(device) for k, v in class_weights_from_labels([r[1] for r in run.train_rows]).items()}
+    optimizer, scheduler = dino_optimizer(model, run.lr_head, run.lr_backbone, run.weight_decay, run.layer_decay,
+                                          run.warmup_epochs, run.epochs,
+                                          steps_per_epoch=math.ceil(len(train_loader) / run.grad_accum))
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
+    start_epoch, history, best_metric, best_epoch = 0, [], -1.0, 0
+    if ckpt is not None:
+        restore_training(ckpt, model, optimizer, scheduler, scaler)
+        start_epoch, history = ckpt["epoch"], list(ckpt["history"])
+        best_metric, best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
+    else:  # the global RNGs only drive drop-path / dropout, if the backbone has any
+        random.seed(run.seed)
+        np.random.seed(run.seed)
+        torch.manual_seed(run.seed)
+    # DDP averages gradients over ranks in backward; evaluation and checkpoints use the bare model
+    net = model if run.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    best_path, last_path = run.run_dir / "best.pt", run.run_dir / "last.pt"
+    epoch_bar = tqdm(range(start_epoch, run.epochs), desc="DINOv2", initial=start_epoch, total=run.epochs,
+                     disable=not (run.progress and main))
+    for epoch in epoch_bar:
+        start = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)
+        train_loss = dino_train_epoch(net, train_loader, optimizer, scheduler, scaler, device, run.amp, class_weights,
+                                      run.grad_accum, run.max_grad_norm, run.progress and main,
+                                      desc=f"epoch {epoch + 1}")
+        train_loss = _mean_over_ranks(train_loss, run.world_size, device)
+        finished = False
+        if main:
+            val = dino_evaluate(model, val_loader, device, run.amp, class_weights)
+            lr = {name: max(g["lr"] for g in optimizer.param_groups if g["name"] == name)
+                  for name in ("heads", "backbone")}
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                            "val_acc": val["acc"], "val_macro_f1": val["macro_f1"], "lr": lr["heads"],
+                            "lr_backbone": lr["backbone"], "seconds": time.perf_counter() - start})
+            if val["macro_f1"] > best_metric:
+                best_metric, best_epoch = val["macro_f1"], epoch + 1
+                atomic_torch_save({"model": model.state_dict(), "epoch": best_epoch, "val_macro_f1": best_metric,
+                                   "config_hash": run.config_hash}, best_path)
+            finished = epoch + 1 == run.epochs or bool(run.patience) and epoch + 1 - best_epoch >= run.patience
+            atomic_torch_save(training_checkpoint(model, optimizer, scheduler, scaler, config_hash=run.config_hash,
+                                                  epoch=epoch + 1, finished=finished, history=history,
+                                                  best_metric=best_metric, best_epoch=best_epoch), last_path)
+            epoch_bar.set_postfix(train_loss=f"{train_loss:.3f}", val_f1=f"{val['macro_f1']:.3f}", best=best_epoch)
+        if _rank0_decides(finished, run.world_size, device):
+            break
+    return history
+
+
+def _ddp_worker(rank: int, model: ENTRepNet, run: _DinoRun, init_method: str, resume: bool) -> None:
+    """One DDP rank of `train_dino`, started by torch.multiprocessing (spawn): joins the process
+    group (NCCL on CUDA, gloo on CPU), loads last.pt when resuming, runs `_train_loop`, and always
+    leaves the group."""
+    import copy  # kept local to this section, like socket in _spawn_ranks
+
+    # torch hands spawned processes CPU tensors in shared memory: without a private copy, CPU
+    # ranks would all step the same weights (every update applied world_size times)
+    model = copy.deepcopy(model)
+    if run.device.type == "cuda":
+        torch.cuda.set_device(rank)
+    else:  # the ranks share the cores (torchrun sets OMP_NUM_THREADS=1 for the same reason)
+        torch.set_num_threads(max(1, torch.get_num_threads() // run.world_size))
+    backend = "nccl" if run.device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=run.world_size)
+    try:
+        ckpt = load_torch_checkpoint(run.run_dir / "last.pt") if resume else None
+        _train_loop(model, run, rank, ckpt)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn_ranks(model: ENTRepNet, run: _DinoRun, resume: bool) -> None:
+    """Run `_ddp_worker` in `run.world_size` spawned processes and wait for them. The rendezvous is
+    a free localhost TCP port. A failing rank stops the others and raises here
+    (torch.multiprocessing.ProcessRaisedException, with the rank's traceback)."""
+    import socket  # only multi-process runs need it; kept local to this section
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_ddp_worker, args=(model, run, f"tcp://127.0.0.1:{port}", resume),
+                                          nprocs=run.world_size, join=True, start_method="spawn")
+
+
 def train_dino(
     model: ENTRepNet,
     train_items: Sequence[tuple[str | os.PathLike, int | str]],
@@ -2548,6 +2728,7 @@ def train_dino(
     max_grad_norm: float | None = 1.0,
     amp_dtype: "str | torch.dtype | None" = "auto",
     device: "torch.device | str" = "auto",
+    world_size: int | str = 1,
     seed: int = 0,
     patience: int | None = 5,
     flip_p: float = 0.5,
@@ -2572,14 +2753,28 @@ def train_dino(
     augmentation depend only on (seed, epoch), so an interrupted and resumed run ends with the same
     weights as an uninterrupted one (exact on CPU; on GPU up to non-deterministic kernels).
 
-    Two GPUs (Kaggle T4 x2): this loop is single-process on one device. To use both, run the same
-    steps under Hugging Face Accelerate (`accelerator.prepare(model, optimizer, train_loader)`,
-    `accelerator.backward(loss)`, checkpoints from the main process) started with
-    `accelerate launch --multi_gpu --num_processes 2 train.py`; not done here: one T4 holds
-    ViT-B/14 at 336 px and the data set is small. nn.DataParallel is no substitute.
+    Two GPUs (Kaggle T4 x2): `world_size="auto"` (or 2) trains with torch's DistributedDataParallel,
+    one process per GPU (rank r on cuda:r, NCCL; on CPU, gloo, for tests). The processes are
+    started with torch.multiprocessing's "spawn", never "fork": the notebook has already used CUDA
+    (BiomedCLIP) and a forked child cannot; spawn works from Jupyter because the worker function
+    lives in this importable module. `batch_size` stays the global batch: each rank takes
+    batch_size / world_size (it must divide) of every step from its `epoch_shard` of the same
+    (seed, epoch) permutation, and `num_workers` is split between the ranks. Rank 0 evaluates the
+    whole validation set, writes the checkpoints (the bare model's state_dict, no "module." prefix)
+    and decides when to stop; the others follow. The workers' progress bars go to the kernel's
+    log, not to the cell. A failing rank stops the others and raises here with its traceback.
+    Numerically a 2-process run is not the 1-process run: DDP averages the ranks' gradients, and
+    each rank's class-weighted, region-masked loss is a mean over its own half-batch, so the step
+    differs from the one over the whole batch. world_size > 1 is therefore part of the run hash
+    (resume continues with the same count); 1 is left out, so earlier single-process runs keep
+    their folders.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     amp = resolve_amp_dtype(amp_dtype, device)
+    world_size = resolve_world_size(world_size, device)
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} does not split over world_size={world_size} processes: use a "
+                         f"multiple of {world_size} (batch_size is the global batch, batch_size / world_size a rank's).")
     train_rows, val_rows = dino_items(train_items, "train_items"), dino_items(val_items, "val_items")
     config = {
         "model_fingerprint": model_fingerprint(model), "image_size": dino_image_size(model),
@@ -2589,6 +2784,7 @@ def train_dino(
         "amp_dtype": str(amp), "seed": seed, "patience": patience, "flip_p": flip_p,
         "augment": {k: list(v) if isinstance(v, tuple) else v for k, v in DINO_TRAIN_AUGMENT.items()},
         "class_weighting": "balanced",
+        **({"world_size": world_size} if world_size > 1 else {}),
     }
     config_hash = run_config_hash(config)
     run_dir = Path(checkpoint_dir) / f"dino_{config_hash[:12]}"
@@ -2603,47 +2799,21 @@ def train_dino(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps({"config_hash": config_hash, **config}, indent=1))
     num_workers = default_num_workers(device) if num_workers is None else num_workers
-    train_loader, val_loader = dino_loaders(model, train_rows, val_rows, batch_size, seed, flip_p, num_workers,
-                                            device, progress)
-    class_weights = {k: v.to(device) for k, v in class_weights_from_labels([r[1] for r in train_rows]).items()}
-    optimizer, scheduler = dino_optimizer(model, lr_head, lr_backbone, weight_decay, layer_decay, warmup_epochs,
-                                          epochs, steps_per_epoch=math.ceil(len(train_loader) / grad_accum))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    start_epoch, history, best_metric, best_epoch = 0, [], -1.0, 0
+    run = _DinoRun(train_rows=train_rows, val_rows=val_rows, epochs=epochs, batch_size=batch_size, lr_head=lr_head,
+                   lr_backbone=lr_backbone, layer_decay=layer_decay, weight_decay=weight_decay,
+                   warmup_epochs=warmup_epochs, grad_accum=grad_accum, max_grad_norm=max_grad_norm, amp=amp,
+                   device=device, seed=seed, patience=patience, flip_p=flip_p,
+                   num_workers=math.ceil(num_workers / world_size), progress=progress, world_size=world_size,
+                   config_hash=config_hash, run_dir=run_dir)
     if ckpt is not None:
-        restore_training(ckpt, model, optimizer, scheduler, scaler)
-        start_epoch, history = ckpt["epoch"], list(ckpt["history"])
-        best_metric, best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
-        tqdm.write(f"train_dino: resuming {run_dir} after epoch {start_epoch}/{epochs}.")
-    else:  # the global RNGs only drive drop-path / dropout, if the backbone has any
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-    epoch_bar = tqdm(range(start_epoch, epochs), desc="DINOv2", initial=start_epoch, total=epochs,
-                     disable=not progress)
-    for epoch in epoch_bar:
-        start = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)
-        train_loss = dino_train_epoch(model, train_loader, optimizer, scheduler, scaler, device, amp, class_weights,
-                                      grad_accum, max_grad_norm, progress, desc=f"epoch {epoch + 1}")
-        val = dino_evaluate(model, val_loader, device, amp, class_weights)
-        lr = {name: max(g["lr"] for g in optimizer.param_groups if g["name"] == name) for name in ("heads", "backbone")}
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
-                        "val_macro_f1": val["macro_f1"], "lr": lr["heads"], "lr_backbone": lr["backbone"],
-                        "seconds": time.perf_counter() - start})
-        if val["macro_f1"] > best_metric:
-            best_metric, best_epoch = val["macro_f1"], epoch + 1
-            atomic_torch_save({"model": model.state_dict(), "epoch": best_epoch, "val_macro_f1": best_metric,
-                               "config_hash": config_hash}, best_path)
-        finished = epoch + 1 == epochs or bool(patience) and epoch + 1 - best_epoch >= patience
-        atomic_torch_save(training_checkpoint(model, optimizer, scheduler, scaler, config_hash=config_hash,
-                                              epoch=epoch + 1, finished=finished, history=history,
-                                              best_metric=best_metric, best_epoch=best_epoch), last_path)
-        epoch_bar.set_postfix(train_loss=f"{train_loss:.3f}", val_f1=f"{val['macro_f1']:.3f}", best=best_epoch)
-        if finished:
-            break
-    model.load_state_dict(load_torch_checkpoint(best_path)["model"])
+        tqdm.write(f"train_dino: resuming {run_dir} after epoch {ckpt['epoch']}/{epochs}.")
+    if world_size == 1:
+        history = _train_loop(model, run, ckpt=ckpt)
+    else:
+        tqdm.write(f"train_dino: DDP over {world_size} processes ({device.type}), progress in the kernel's log.")
+        _spawn_ranks(model.cpu(), run, resume=ckpt is not None)
+        history = load_torch_checkpoint(last_path)["history"]
+    model.to(device).load_state_dict(load_torch_checkpoint(best_path)["model"])
     return pd.DataFrame(history), best_path
 
 

@@ -1,5 +1,6 @@
 """Tests for the DINOv2 part: CPU, the tiny random ViT (DINO_TINY_KWARGS, 4 registers), 28-56 px PNGs."""
 
+import json
 import math
 from pathlib import Path
 
@@ -492,3 +493,105 @@ def test_damaged_checkpoints_are_detected_and_the_run_redone(data, tmp_path, dam
     assert len(history) == 3  # trained again, not reused
     for (name, a), (_, b) in zip(full.state_dict().items(), redone.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# --- two processes (torch DDP, gloo on the CPU) ------------------------------------------------
+
+
+def test_epoch_shards_are_equal_cover_the_epoch_and_depend_only_on_seed_and_epoch():
+    n, seed, epoch = 11, 5, 3
+    for world_size in (1, 2, 3, 4):
+        shards = [ud.epoch_shard(n, seed, epoch, rank, world_size) for rank in range(world_size)]
+        assert {len(shard) for shard in shards} == {math.ceil(n / world_size)}  # same step count on every rank
+        assert {index for shard in shards for index, _ in shard} == set(range(n))
+        assert len({pair for shard in shards for pair in shard}) == n  # a padded index keeps its sample seed
+    torch.manual_seed(123)  # the global RNGs play no part
+    assert ud.epoch_shard(n, seed, epoch, 1, 2) == ud.epoch_shard(n, seed, epoch, 1, 2)
+    assert ud.epoch_shard(n, seed, epoch + 1, 1, 2) != ud.epoch_shard(n, seed, epoch, 1, 2)
+    # with per-rank batches of B / 2, step b's two batches together are the single process's batch b
+    single, rank0, rank1 = (ud.epoch_shard(12, seed, epoch, r, w) for r, w in [(0, 1), (0, 2), (1, 2)])
+    for b in range(3):
+        assert set(single[4 * b: 4 * b + 4]) == set(rank0[2 * b: 2 * b + 2] + rank1[2 * b: 2 * b + 2])
+    sampler = ud.EpochSampler(n, seed, rank=1, world_size=2)
+    sampler.set_epoch(epoch)
+    assert len(sampler) == 6 and list(sampler) == ud.epoch_shard(n, seed, epoch, 1, 2)
+
+
+def test_world_size_is_resolved_and_checked_before_any_process_starts(data, tmp_path):
+    assert ud.resolve_world_size("auto", torch.device("cpu")) == 1
+    with pytest.raises(ValueError, match="GPU"):
+        ud.resolve_world_size(2, torch.device("cuda"))  # more processes than visible GPUs (none here)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        _train(data, tmp_path, batch_size=5, world_size=2)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data, tmp_path_factory):
+    """One 2-process run (spawn + gloo); ~10 s on 2 cores, most of it the workers importing utils."""
+    checkpoint_dir = tmp_path_factory.mktemp("ddp")
+    model, history, best = _train(data, checkpoint_dir, epochs=2, world_size=2)
+    return model, history, best, checkpoint_dir
+
+
+def test_two_process_run_writes_checkpoints_and_leaves_the_best_weights_in_the_model(ddp_run):
+    model, history, best, _ = ddp_run
+    assert list(history["epoch"]) == [1, 2]
+    assert np.isfinite(history[["train_loss", "val_loss", "val_macro_f1"]].to_numpy()).all()
+    assert best.is_file() and (best.parent / "last.pt").is_file()
+    saved = ud.load_torch_checkpoint(best)["model"]
+    assert not any(key.startswith("module.") for key in saved)  # the bare model, loadable as is
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    assert not torch.equal(saved["heads.coarse.weight"], _tiny_model().state_dict()["heads.coarse.weight"])
+    assert json.loads((best.parent / "config.json").read_text())["world_size"] == 2
+
+
+def _two_rank_reference(data, epochs):
+    """What two DDP ranks compute, in one process (the `_train` settings): at every step the mean of
+    the two ranks' gradients on their half-batches (DDP's all-reduce), then one clipped AdamW step."""
+    (train, val), cpu = data, torch.device("cpu")
+    model, train_rows, val_rows = _tiny_model(), ud.dino_items(train), ud.dino_items(val)
+    loaders = [ud.dino_loaders(model, train_rows, val_rows, 2, 0, 0.5, 0, cpu, False, rank, 2)[0] for rank in (0, 1)]
+    weights = class_weights_from_labels([label for _, label in train_rows])
+    optimizer, scheduler = ud.dino_optimizer(model, 1e-2, 1e-3, 0.05, None, 1, epochs, len(loaders[0]))
+    model.train()
+    for epoch in range(epochs):
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        for rank_batches in zip(*loaders):
+            for x, y in rank_batches:
+                (multitask_loss(model(x), y, weights) / 2).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+    return model
+
+
+def test_two_process_run_steps_with_the_mean_of_the_ranks_gradients(ddp_run, data):
+    _, _, best, _ = ddp_run
+    trained = ud.load_torch_checkpoint(best.parent / "last.pt")["model"]
+    torch.testing.assert_close(trained, _two_rank_reference(data, epochs=2).state_dict())
+
+
+def test_finished_two_process_run_is_reused_without_spawning(ddp_run, data, monkeypatch):
+    model, history, best, checkpoint_dir = ddp_run
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("worker processes were started")
+
+    monkeypatch.setattr(ud, "_spawn_ranks", no_spawn)
+    reused, reused_history, reused_best = _train(data, checkpoint_dir, epochs=2, world_size=2)
+    assert reused_best == best
+    pd.testing.assert_frame_equal(reused_history, history)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reused.state_dict().values()))
+    _train(data, checkpoint_dir, epochs=2)  # one process: numerically another run, so its own folder
+    assert len(list(checkpoint_dir.iterdir())) == 2
+
+
+def test_an_error_in_a_worker_process_surfaces_in_the_caller_with_its_cause(data, tmp_path):
+    train, val = data
+    missing = tmp_path / "missing_image.png"  # passes the caller's checks, fails when a rank decodes it
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="missing_image.png") as failure:
+        _train(([*train, (missing, 0)], val), tmp_path, epochs=1, world_size=2)
+    assert "FileNotFoundError" in str(failure.value)
