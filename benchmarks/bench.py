@@ -467,6 +467,7 @@ def notebook_section(keep_dir: Path | None) -> dict:
     params = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
         out = Path(keep_dir or tmp)
+        out.mkdir(parents=True, exist_ok=True)
         params["output_dir"] = str(out)
         runs = []
         for run in ("first", "rerun"):
