@@ -2434,10 +2434,12 @@ def dino_train_epoch(
             if max_grad_norm:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            if scaler.get_scale() >= scale:  # fp16: a step skipped on inf/NaN gradients lowers the scale;
+                scheduler.step()  # the schedule then waits for the optimizer (as transformers' Trainer does)
         total += loss.item()
         bar.set_postfix(loss=f"{total / (i + 1):.4f}")
     return total / max(n_batches, 1)

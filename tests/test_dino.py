@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -291,13 +292,18 @@ def test_mixed_precision_trains_on_cpu(data, tmp_path, amp_dtype):
         assert model(_batch([0, 1])[0])["coarse"].dtype == dtype
     before = model.heads["coarse"].weight.detach().clone()
     train, val = data
-    history, _ = train_dino(model, train, val, checkpoint_dir=tmp_path, epochs=3, batch_size=4,
-                            amp_dtype=amp_dtype, device="cpu", num_workers=0, progress=False, grad_accum=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()" on a skipped fp16 step
+        history, _ = train_dino(model, train, val, checkpoint_dir=tmp_path, epochs=3, batch_size=4,
+                                amp_dtype=amp_dtype, device="cpu", num_workers=0, progress=False, grad_accum=2)
     assert np.isfinite(history[["train_loss", "val_loss"]].to_numpy()).all()
     last = torch.load(next(tmp_path.iterdir()) / "last.pt", weights_only=True)
     # the weights moved (fp16: a GradScaler may skip its first steps on overflow, by design)
     assert not torch.equal(before, last["model"]["heads.coarse.weight"])
     assert (last["scaler"].get("scale", 0) > 0) == (dtype == torch.float16)  # fp16 runs with a GradScaler
+    # the schedule advanced once per optimizer step actually taken: 8 images, batch 4, grad_accum 2 -> 1 per epoch
+    skipped = round(math.log2(65536.0 / last["scaler"]["scale"])) if dtype == torch.float16 else 0
+    assert last["scheduler"]["last_epoch"] == 3 - skipped
 
 
 def test_worker_count_does_not_change_the_result(data, tmp_path):
