@@ -60,21 +60,24 @@ def _retrieve(feats_path: str, chunk: int) -> None:
 
 def _child(queue, target, args) -> None:
     target(*args)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux -> MiB
+    # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN = the largest finished child (DataLoader workers)
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
 
 
-def _peak_mb(target, *args) -> tuple[float, float]:
-    """Run target(*args) in a fresh process; (seconds, that process's peak RSS in MiB)."""
+def _peak_mb(target, *args) -> tuple[float, float, float]:
+    """Run target(*args) in a fresh process; (seconds, that process's peak RSS in MiB, the peak RSS
+    of the largest of its own child processes in MiB, 0 when it started none)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     start = time.perf_counter()
     p = ctx.Process(target=_child, args=(queue, target, args))
     p.start()
-    peak = queue.get()
+    peak, child_peak = queue.get()
     p.join()
     if p.exitcode:
         raise RuntimeError(f"{target.__name__} failed with exit code {p.exitcode}")
-    return time.perf_counter() - start, peak
+    return time.perf_counter() - start, peak, child_peak
 
 
 def main() -> None:
@@ -88,17 +91,18 @@ def main() -> None:
         t0 = time.perf_counter()
         paths = _write_images(tmp / "imgs", args.n)
         write_s = time.perf_counter() - t0
-        base_s, base_mb = _peak_mb(_retrieve_noop)
+        _, base_mb, _ = _peak_mb(_retrieve_noop)
         ret_paths = str(tmp / "feats.pt")
-        embed_s, embed_mb = _peak_mb(_embed, paths, str(tmp / "cache"), ret_paths)
-        ret_s, ret_mb = _peak_mb(_retrieve, ret_paths, args.chunk)
+        embed_s, embed_mb, worker_mb = _peak_mb(_embed, paths, str(tmp / "cache"), ret_paths)
+        ret_s, ret_mb, _ = _peak_mb(_retrieve, ret_paths, args.chunk)
         import torch
 
         d = torch.load(ret_paths).shape[1]
     table_mb = args.n * d * 4 / 2**20
     result = {"n_images": args.n, "dim": d, "feature_table_mb": round(table_mb, 1),
               "python_torch_baseline_peak_mb": round(base_mb, 1),
-              "embed_peak_mb": round(embed_mb, 1), "embed_s": round(embed_s, 1),
+              "embed_peak_mb": round(embed_mb, 1), "embed_worker_peak_mb": round(worker_mb, 1),
+              "embed_s": round(embed_s, 1),
               "retrieve_peak_mb": round(ret_mb, 1), "retrieve_s": round(ret_s, 1), "chunk": args.chunk,
               "naive_full_score_matrix_mb": round(args.n * args.n * 4 / 2**20, 1), "write_pngs_s": round(write_s, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,12 @@ def _run(out: Path, **overrides) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
+def _cache_files(out: Path) -> dict[Path, int]:
+    """Every cache file (embeddings, DINOv2 predictions/features, decode checks) -> its mtime."""
+    return {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*")
+            if p.is_file() and p.suffix in (".safetensors", ".json")}
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
     """The demo run twice into one output_dir: (output_dir, first metrics, second metrics, second log)."""
@@ -32,7 +38,8 @@ def demo_runs(tmp_path_factory):
     _run(out)
     first = json.loads((out / "metrics.json").read_text())
     submissions = {z: (out / z).read_bytes() for z in ("submission.zip", "submission_i2i.zip", "submission_t2i.zip")}
-    features = {p: p.stat().st_mtime_ns for p in (out / "cache" / "features").glob("*")}
+    features = _cache_files(out)
+    assert {p.parent.name for p in features} == {"features", "dino", "cache"}  # CLIP, DINOv2 and decode checks
     log = _run(out)
     second = json.loads((out / "metrics.json").read_text())
     return out, first, second, log, submissions, features
@@ -80,7 +87,7 @@ def test_demo_submissions_are_valid(demo_runs):
 def test_rerun_reuses_caches_and_checkpoint_and_repeats_the_results(demo_runs):
     out, first, second, log, submissions, features = demo_runs
     assert "reusing finished run" in log
-    assert {p: p.stat().st_mtime_ns for p in (out / "cache" / "features").glob("*")} == features  # nothing re-encoded
+    assert _cache_files(out) == features  # nothing re-encoded, re-predicted or re-checked
     assert second["val_predictions"] == first["val_predictions"]
     assert second["hybrid"]["threshold"] == first["hybrid"]["threshold"]
     for name, blob in submissions.items():
