@@ -230,20 +230,22 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def file_stat_key(path: str | os.PathLike) -> tuple[str, int, int]:
-    """(absolute path, size in bytes, modification time in ns): what says a file is unchanged."""
+def file_stat_key(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
+    """(absolute path, size, mtime ns, ctime ns, inode): what says a file is unchanged. The change
+    time is in it because copies that keep the mtime (cp -p, rsync -a, unzip) cannot keep it: any
+    write or replacement of the file sets it."""
     st = os.stat(path)
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 # SHA-1s already computed in this process, by file_stat_key: the loader, the embedding and the
 # prediction caches all ask for the same files, and a changed file has another key.
-_SHA1_BY_STAT: dict[tuple[str, int, int], str] = {}
+_SHA1_BY_STAT: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """SHA-1 of a file's bytes: the identity used for leakage checks and caches. Computed once per
-    process for each (path, size, mtime) and remembered."""
+    process for each file_stat_key and remembered."""
     key = file_stat_key(path)
     if key not in _SHA1_BY_STAT:
         h = hashlib.sha1()
@@ -394,8 +396,8 @@ class _Collector:
     def _check(self, path: Path) -> tuple[str, dict]:
         if path not in self._image_status:
             key = file_stat_key(path)
-            known = self.checks.get(key)
-            if known is None or (self.check_images and not known["decoded"]):
+            known = self.checks.get(key)  # failures are checked again: their cause may be the environment
+            if known is None or known["error"] or (self.check_images and not known["decoded"]):
                 known = {"sha1": file_sha1(path), "decoded": self.check_images, "error": "", "size": None}
                 if self.check_images:
                     try:
@@ -413,12 +415,13 @@ class _Collector:
         return self._image_status[path]
 
 
-IMAGE_CHECKS_FORMAT = "entrep-image-checks-1"
+IMAGE_CHECKS_FORMAT = "entrep-image-checks-2"
 
 
 def load_image_checks(path: str | os.PathLike) -> dict[tuple, dict]:
     """Decode checks saved by an earlier load_entrep ({file_stat_key: {sha1, decoded, error, size}});
-    {} when absent. An unreadable or foreign file is reported and ignored (checks are redone)."""
+    {} when absent. An unreadable or foreign file (or one from an older format) is reported and
+    ignored: every image is checked again."""
     path = Path(path)
     if not path.is_file():
         return {}
@@ -426,8 +429,8 @@ def load_image_checks(path: str | os.PathLike) -> dict[tuple, dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != IMAGE_CHECKS_FORMAT:
             raise ValueError(f"format {data.get('format')!r}")
-        return {(e["path"], int(e["bytes"]), int(e["mtime_ns"])): {k: e[k] for k in ("sha1", "decoded", "error", "size")}
-                for e in data["files"]}
+        return {(e["path"], int(e["bytes"]), int(e["mtime_ns"]), int(e["ctime_ns"]), int(e["inode"])):
+                {k: e[k] for k in ("sha1", "decoded", "error", "size")} for e in data["files"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         warnings.warn(f"{path}: unreadable image-check cache ({type(e).__name__}: {e}); checking every image again.")
         return {}
@@ -435,7 +438,8 @@ def load_image_checks(path: str | os.PathLike) -> dict[tuple, dict]:
 
 def save_image_checks(checks: Mapping[tuple, Mapping], path: str | os.PathLike) -> Path:
     """Write decode checks for load_image_checks (atomic JSON)."""
-    files = [{"path": p, "bytes": size, "mtime_ns": mtime, **facts} for (p, size, mtime), facts in checks.items()]
+    files = [{"path": p, "bytes": size, "mtime_ns": mtime, "ctime_ns": ctime, "inode": inode, **facts}
+             for (p, size, mtime, ctime, inode), facts in checks.items()]
     return save_json({"format": IMAGE_CHECKS_FORMAT, "files": files}, path)
 
 
@@ -600,8 +604,9 @@ def load_entrep(root: str | os.PathLike, check_images: bool = True, strict_label
     naming the file and the fix. With strict_labels, an unknown label raises instead.
 
     Every referenced image is hashed (SHA-1) and, with check_images, decoded once. With
-    `cache_dir`, those results are kept in `cache_dir/image_checks.json` by path, size and
-    modification time, so a rerun reads only new or changed files.
+    `cache_dir`, those results are kept in `cache_dir/image_checks.json` by file_stat_key (path,
+    size, modification and change times, inode), so a rerun reads only new or changed files;
+    images that failed to decode are tried again on every run.
     """
     root = Path(root)
     if not root.is_dir():
@@ -1474,6 +1479,12 @@ class ImagePathDataset(Dataset):
 
 
 
+def transform_id(transform: Callable | None) -> str:
+    """A preprocessing pipeline's repr without memory addresses: part of every cache key, so
+    changed preprocessing never reuses rows computed with the old one."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
 def model_identity(model: torch.nn.Module, preprocess: Callable | None = None, n_samples: int = 64) -> str:
     """Identity of a model + preprocessing for caches: SHA-1 of every tensor's name, shape, dtype and
     `n_samples` evenly spaced values, plus the preprocess repr (memory addresses removed).
@@ -1481,7 +1492,7 @@ def model_identity(model: torch.nn.Module, preprocess: Callable | None = None, n
     A change that touches none of the sampled values (e.g. one weight) is not seen: pass
     model_id yourself (e.g. a checkpoint's file_sha1) when that matters.
     """
-    h = hashlib.sha1(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(preprocess)).encode())
+    h = hashlib.sha1(transform_id(preprocess).encode())
     for key, tensor in model.state_dict().items():
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
@@ -1523,7 +1534,7 @@ def embed_images(
     """CLIP image embeddings [N, D] (float32, L2-normalised, CPU), in the order of `paths`.
 
     With `cache_dir`, embeddings are stored per file content (utils.file_sha1) in one safetensors
-    file per model identity (model_id, default model_identity(model, preprocess), + amp dtype): a
+    file per model identity (model_id, default model_identity(model)) + preprocess + amp dtype: a
     rerun encodes nothing, a changed file re-encodes only that file, another model gets its own file.
     num_workers: DataLoader workers (default min(4, CPUs)).
     """
@@ -1541,7 +1552,7 @@ def embed_images(
 
     if cache_dir is None:
         return encode_paths(paths)
-    key = hashlib.sha1(f"{model_id or model_identity(model, preprocess)}|{amp}".encode()).hexdigest()
+    key = hashlib.sha1(f"{model_id or model_identity(model)}|{transform_id(preprocess)}|{amp}".encode()).hexdigest()
     return cached_rows(paths, encode_paths, Path(cache_dir) / f"clip_image_feats_{key[:20]}.safetensors", key)
 
 
@@ -1582,7 +1593,7 @@ def load_feature_cache(path: Path, key: str) -> dict[str, torch.Tensor]:
         if not torch.isfinite(feats).all():
             raise ValueError("non-finite values")
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        warnings.warn(f"{path}: unreadable embedding cache ({type(e).__name__}: {e}); rebuilding it.")
+        warnings.warn(f"{path}: unreadable cache ({type(e).__name__}: {e}); rebuilding it.")
         return {}
     return dict(zip(sha1s, feats.float()))
 
@@ -1600,7 +1611,7 @@ def save_feature_cache(path: Path, key: str, feats: Mapping[str, torch.Tensor]) 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     table = torch.stack(list(feats.values())).float().contiguous()
-    meta = {"key": key, "sha1s": json.dumps(list(feats)), "format": "entrep-clip-cache-2",
+    meta = {"key": key, "sha1s": json.dumps(list(feats)), "format": "entrep-row-cache-2",
             "sha256": _tensor_digest(table, list(feats))}
     save_file({"feats": table}, tmp, metadata=meta)
     os.replace(tmp, path)
@@ -2625,7 +2636,8 @@ def _train_loop(model: ENTRepNet, run: _DinoRun, rank: int = 0, ckpt: Mapping | 
     device = torch.device("cuda", rank) if run.world_size > 1 and run.device.type == "cuda" else run.device
     main = rank == 0
     model.to(device)
-    train_loader, val_loader = dino_loaders(model, run.train_rows, run.val_rows, run.batch_size // run.world_size,
+    val_rows = run.val_rows if main else []  # only rank 0 evaluates
+    train_loader, val_loader = dino_loaders(model, run.train_rows, val_rows, run.batch_size // run.world_size,
                                             run.seed, run.flip_p, run.num_workers, device, run.progress and main,
                                             rank, run.world_size)
     class_weights = {k: v.to(device) for k, v in class_weights_from_labels([r[1] for r in run.train_rows]).items()}
@@ -2813,7 +2825,10 @@ def train_dino(
         history = _train_loop(model, run, ckpt=ckpt)
     else:
         tqdm.write(f"train_dino: DDP over {world_size} processes ({device.type}), progress in the kernel's log.")
-        _spawn_ranks(model.cpu(), run, resume=ckpt is not None)
+        model.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give rank 0 (on cuda:0) back what this process cached there
+        _spawn_ranks(model, run, resume=ckpt is not None)
         history = load_torch_checkpoint(last_path)["history"]
     model.to(device).load_state_dict(load_torch_checkpoint(best_path)["model"])
     return pd.DataFrame(history), best_path
@@ -2896,8 +2911,8 @@ def _dino_cached(model: nn.Module, paths: Sequence, kind: str, compute: Callable
     the AMP dtype, flip TTA and `kind`."""
     if cache_dir is None:
         return compute(list(paths))
-    transform = dino_transforms(model, dino_image_size(model), train=False)
-    key = hashlib.sha1(f"{kind}|{model_id or model_identity(model, transform)}|{amp}|tta={tta_flip}".encode()).hexdigest()
+    transform = transform_id(dino_transforms(model, dino_image_size(model), train=False))
+    key = hashlib.sha1(f"{kind}|{model_id or model_identity(model)}|{transform}|{amp}|tta={tta_flip}".encode()).hexdigest()
     return cached_rows(paths, compute, Path(cache_dir) / f"{kind}_{key[:20]}.safetensors", key)
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -398,3 +399,39 @@ def test_damaged_check_cache_is_reported_and_rebuilt(tmp_path):
         again = utils.load_entrep(root, cache_dir=cache)
     pd.testing.assert_frame_equal(first.images, again.images)
     assert len(utils.load_image_checks(cache / "image_checks.json")) == 3
+
+
+def test_replaced_file_with_kept_mtime_is_hashed_again(tmp_path):
+    """cp -p / rsync -a / unzip keep the mtime; the change time still says the file was replaced."""
+    root, cache = _three_images(tmp_path), tmp_path / "cache"
+    a = root / "imgs" / "a.png"
+    first = utils.load_entrep(root, cache_dir=cache).images.set_index("file").loc["a.png", "sha1"]
+    st = a.stat()
+    other = tmp_path / "other.png"
+    for red in range(1, 256):  # another picture whose PNG has the same size: only the times can tell
+        _png(other, (red, 90, 90))
+        if other.stat().st_size == st.st_size and other.read_bytes() != a.read_bytes():
+            break
+    assert other.stat().st_size == st.st_size
+    os.replace(other, a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    utils._SHA1_BY_STAT.clear()  # as in a new process
+    sha1 = utils.load_entrep(root, cache_dir=cache).images.set_index("file").loc["a.png", "sha1"]
+    assert sha1 != first and sha1 == hashlib.sha1(a.read_bytes()).hexdigest()
+
+
+def test_decode_failures_are_not_remembered(tmp_path, monkeypatch):
+    """A failure may come from the environment (a missing codec, an older Pillow): it is tried again."""
+    root, cache = _three_images(tmp_path), tmp_path / "cache"
+    real = utils.load_rgb
+
+    def broken_for_b(path, *a, **k):
+        if Path(path).name == "b.png":
+            raise utils.ImageDecodeError(f"{path}: cannot decode (no codec)")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(utils, "load_rgb", broken_for_b)
+    assert utils.load_entrep(root, cache_dir=cache).problems["kind"].tolist() == ["undecodable"]
+    monkeypatch.setattr(utils, "load_rgb", real)
+    data = utils.load_entrep(root, cache_dir=cache)
+    assert sorted(data.images["file"]) == ["a.png", "b.png", "c.png"] and data.problems.empty

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from timm.layers import resample_abs_pos_embed
 
 import utils as ud
@@ -411,6 +412,12 @@ def test_predictions_and_features_are_cached_per_image_and_model(data, tmp_path,
     predict_dino(model, paths, tta_flip=False, **cached)
     predict_dino(model, paths, tta_flip=True, **dict(cached, model_id="ckpt-b"))
     assert seen == [5, 5, 5]  # other TTA setting, other checkpoint: their own caches
+    seen.clear()
+    real_transforms = ud.dino_transforms
+    monkeypatch.setattr(ud, "dino_transforms",
+                        lambda m, size, train: T.Compose([real_transforms(m, size, train), T.Lambda(torch.neg)]))
+    predict_dino(model, paths, tta_flip=True, **cached)
+    assert seen == [5, 5]  # same checkpoint, other preprocessing: computed again
 
 
 def test_learning_curve_plots_both_panels():
