@@ -2437,11 +2437,14 @@ def dino_train_epoch(
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
     for i, (x, y) in enumerate(bar):
         group_size = min(grad_accum, n_batches - (i // grad_accum) * grad_accum)
+        steps = (i + 1) % grad_accum == 0 or i + 1 == n_batches
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with amp_autocast(device, amp_dtype):
-            loss = multitask_loss(model(x), y, class_weights)
-        scaler.scale(loss / group_size).backward()
-        if (i + 1) % grad_accum == 0 or i + 1 == n_batches:
+        # under DDP, gradients are all-reduced once per optimizer step, not per accumulated batch
+        with model.no_sync() if not steps and hasattr(model, "no_sync") else contextlib.nullcontext():
+            with amp_autocast(device, amp_dtype):
+                loss = multitask_loss(model(x), y, class_weights)
+            scaler.scale(loss / group_size).backward()
+        if steps:
             if max_grad_norm:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

@@ -541,9 +541,10 @@ def test_world_size_is_resolved_and_checked_before_any_process_starts(data, tmp_
 
 @pytest.fixture(scope="module")
 def ddp_run(data, tmp_path_factory):
-    """One 2-process run (spawn + gloo); ~10 s on 2 cores, most of it the workers importing utils."""
+    """One 2-process run (spawn + gloo) accumulating 2 batches per step; ~10 s on 2 cores, most of it
+    the workers importing utils."""
     checkpoint_dir = tmp_path_factory.mktemp("ddp")
-    model, history, best = _train(data, checkpoint_dir, epochs=2, world_size=2)
+    model, history, best = _train(data, checkpoint_dir, epochs=2, world_size=2, grad_accum=2)
     return model, history, best, checkpoint_dir
 
 
@@ -559,21 +560,26 @@ def test_two_process_run_writes_checkpoints_and_leaves_the_best_weights_in_the_m
     assert json.loads((best.parent / "config.json").read_text())["world_size"] == 2
 
 
-def _two_rank_reference(data, epochs):
+def _two_rank_reference(data, epochs, grad_accum):
     """What two DDP ranks compute, in one process (the `_train` settings): at every step the mean of
-    the two ranks' gradients on their half-batches (DDP's all-reduce), then one clipped AdamW step."""
+    the two ranks' gradients on their half-batches (DDP's all-reduce), summed over `grad_accum`
+    batches, then one clipped AdamW step."""
     (train, val), cpu = data, torch.device("cpu")
     model, train_rows, val_rows = _tiny_model(), ud.dino_items(train), ud.dino_items(val)
     loaders = [ud.dino_loaders(model, train_rows, val_rows, 2, 0, 0.5, 0, cpu, False, rank, 2)[0] for rank in (0, 1)]
     weights = class_weights_from_labels([label for _, label in train_rows])
-    optimizer, scheduler = ud.dino_optimizer(model, 1e-2, 1e-3, 0.05, None, 1, epochs, len(loaders[0]))
+    optimizer, scheduler = ud.dino_optimizer(model, 1e-2, 1e-3, 0.05, None, 1, epochs,
+                                             math.ceil(len(loaders[0]) / grad_accum))
     model.train()
     for epoch in range(epochs):
         for loader in loaders:
             loader.sampler.set_epoch(epoch)
-        for rank_batches in zip(*loaders):
-            for x, y in rank_batches:
-                (multitask_loss(model(x), y, weights) / 2).backward()
+        steps = list(zip(*loaders))
+        for start in range(0, len(steps), grad_accum):
+            group = steps[start:start + grad_accum]
+            for rank_batches in group:
+                for x, y in rank_batches:
+                    (multitask_loss(model(x), y, weights) / 2 / len(group)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
@@ -584,7 +590,7 @@ def _two_rank_reference(data, epochs):
 def test_two_process_run_steps_with_the_mean_of_the_ranks_gradients(ddp_run, data):
     _, _, best, _ = ddp_run
     trained = ud.load_torch_checkpoint(best.parent / "last.pt")["model"]
-    torch.testing.assert_close(trained, _two_rank_reference(data, epochs=2).state_dict())
+    torch.testing.assert_close(trained, _two_rank_reference(data, epochs=2, grad_accum=2).state_dict())
 
 
 def test_finished_two_process_run_is_reused_without_spawning(ddp_run, data, monkeypatch):
@@ -594,7 +600,7 @@ def test_finished_two_process_run_is_reused_without_spawning(ddp_run, data, monk
         raise AssertionError("worker processes were started")
 
     monkeypatch.setattr(ud, "_spawn_ranks", no_spawn)
-    reused, reused_history, reused_best = _train(data, checkpoint_dir, epochs=2, world_size=2)
+    reused, reused_history, reused_best = _train(data, checkpoint_dir, epochs=2, world_size=2, grad_accum=2)
     assert reused_best == best
     pd.testing.assert_frame_equal(reused_history, history)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reused.state_dict().values()))
