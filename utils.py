@@ -353,13 +353,14 @@ class EntrepData:
 
 
 class _Collector:
-    """Accumulates rows and problems while annotation files are read. `checks` holds earlier
-    decode checks by file_stat_key (see load_image_checks); new ones are added to it."""
+    """Accumulates rows and problems while annotation files are read. `earlier`: decode checks of
+    an earlier run by file_stat_key (load_image_checks); `checks` gets this run's, for the next."""
 
-    def __init__(self, root: Path, check_images: bool, checks: dict[tuple, dict] | None = None):
+    def __init__(self, root: Path, check_images: bool, earlier: dict[tuple, dict] | None = None):
         self.index = FileIndex.build(root)
         self.check_images = check_images
-        self.checks = {} if checks is None else checks
+        self.earlier = earlier or {}
+        self.checks: dict[tuple, dict] = {}
         self.new_checks = 0
         self.problems: list[dict] = []
         self.inventory: list[dict] = []
@@ -396,7 +397,7 @@ class _Collector:
     def _check(self, path: Path) -> tuple[str, dict]:
         if path not in self._image_status:
             key = file_stat_key(path)
-            known = self.checks.get(key)  # failures are checked again: their cause may be the environment
+            known = self.earlier.get(key)  # failures are checked again: their cause may be the environment
             if known is None or known["error"] or (self.check_images and not known["decoded"]):
                 known = {"sha1": file_sha1(path), "decoded": self.check_images, "error": "", "size": None}
                 if self.check_images:
@@ -405,8 +406,8 @@ class _Collector:
                         known["size"] = [im.width, im.height]
                     except ImageDecodeError as e:
                         known["error"] = str(e)
-                self.checks[key] = known
                 self.new_checks += 1
+            self.checks[key] = known
             _SHA1_BY_STAT.setdefault(key, known["sha1"])
             info = {"sha1": known["sha1"]}
             if known["size"]:
@@ -644,8 +645,8 @@ def load_entrep(root: str | os.PathLike, check_images: bool = True, strict_label
     images = pd.DataFrame(rows, columns=["path", "file", "source", "release", "label", "label_id", "coarse",
                                          "description_en", "description_vi", "type", "sha1", "width", "height"])
     images, dup_problems = _drop_duplicate_records(images)
-    if checks_path is not None and col.new_checks:
-        save_image_checks(col.checks, checks_path)
+    if checks_path is not None and (col.new_checks or col.checks.keys() != col.earlier.keys()):
+        save_image_checks(col.checks, checks_path)  # this run's files only: gone or changed ones drop out
     problems = pd.concat([problems, dup_problems], ignore_index=True)
     return EntrepData(
         root=root, images=images.reset_index(drop=True),

@@ -389,6 +389,7 @@ def test_changed_file_is_checked_again(tmp_path):
     row = utils.load_entrep(root, cache_dir=cache).images.set_index("file").loc["b.png"]
     assert (row.width, row.height) == (70, 50) and row.sha1 != first.loc["b.png", "sha1"]
     assert row.sha1 == hashlib.sha1(b.read_bytes()).hexdigest()
+    assert len(utils.load_image_checks(cache / "image_checks.json")) == 3  # old entries of b.png dropped
 
 
 def test_damaged_check_cache_is_reported_and_rebuilt(tmp_path):
