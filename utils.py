@@ -739,11 +739,13 @@ def split_groups(images: pd.DataFrame, i2i: pd.DataFrame) -> np.ndarray:
     return np.array([find(i) for i in range(len(images))])
 
 
-def stratified_group_folds(labels: Sequence[int], groups: Sequence[int], n_splits: int, seed: int) -> np.ndarray:
+def grouped_fold_ids(labels: Sequence[int], groups: Sequence[int], n_splits: int = 5, seed: int = 0) -> np.ndarray:
     """Fold id per sample (0..k-1), stratified by label and grouped (scikit-learn's
-    StratifiedGroupKFold). Small data is handled explicitly: k is capped by the number of groups
-    and by the largest class (sklearn refuses more folds than any class has members), and when
-    no class has two members the folds are grouped only (GroupKFold)."""
+    StratifiedGroupKFold): with split_groups' groups, a choice cross-fitted on validation is never
+    tuned on one view of an examination and scored on the other. Small data is handled explicitly:
+    k is capped by the number of groups and by the largest class (sklearn refuses more folds than
+    any class has members), and when no class has two members the folds are grouped only
+    (GroupKFold)."""
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
     labels, groups = np.asarray(labels), np.asarray(groups)
@@ -777,15 +779,9 @@ def split_train_val(images: pd.DataFrame, i2i: pd.DataFrame, val_fraction: float
     """
     if len(images) < 2:
         raise ValueError(f"{len(images)} labelled image(s) are too few for a validation split; add labelled images.")
-    folds = stratified_group_folds(images["label_id"].to_numpy(), split_groups(images, i2i),
-                                   max(2, round(1 / val_fraction)), seed)
+    folds = grouped_fold_ids(images["label_id"].to_numpy(), split_groups(images, i2i),
+                             max(2, round(1 / val_fraction)), seed)
     return np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
-
-
-def grouped_fold_ids(labels: Sequence[int], groups: Sequence[int], n_splits: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold id per sample for cross-fitting on validation, grouped as split_groups groups them, so
-    a choice is never tuned on one view of an examination and scored on the other."""
-    return stratified_group_folds(labels, groups, n_splits, seed)
 
 
 # =============================================================================================
@@ -3132,10 +3128,10 @@ class FusionChoice:
 
 
 def stratified_fold_ids(y_true, n_splits: int = 5, seed: int = 0) -> np.ndarray:
-    """(N,) fold id per sample, stratified by label and shuffled with `seed`: stratified_group_folds
+    """(N,) fold id per sample, stratified by label and shuffled with `seed`: grouped_fold_ids
     with one group per sample (fewer folds when the data is too small for n_splits)."""
     y_true = np.asarray(y_true)
-    return stratified_group_folds(y_true, np.arange(len(y_true)), n_splits, seed)
+    return grouped_fold_ids(y_true, np.arange(len(y_true)), n_splits, seed)
 
 
 def best_grid_value(grid: Sequence[float], macro_f1, accuracy) -> float:
