@@ -3742,16 +3742,20 @@ def _block_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return s[:, :k], i[:, :k]
     s, i = torch.topk(sim, k + 1, dim=1)  # (q, k + 1): the extra one is the best score left out
     straddles = s[:, k] == s[:, k - 1]  # a score equal to the k-th was left out: a tie at the cut
-    s, i = s[:, :k], i[:, :k]
-    i, order = i.sort(dim=1)  # lower column first among equals, then best first (stable)
-    s = s.gather(1, order)
-    s, order = torch.sort(s, dim=1, descending=True, stable=True)
-    i = i.gather(1, order)
+    s, i = _ties_by_lower_index(s[:, :k], i[:, :k])
     if straddles.any():
         rows = straddles.nonzero().squeeze(1)
         rs, ri = torch.sort(sim[rows], dim=1, descending=True, stable=True)
         s[rows], i[rows] = rs[:, :k], ri[:, :k]
     return s, i
+
+
+def _ties_by_lower_index(s: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder each row of (scores, indices) best first, equal scores by lower index: sort by index,
+    then a stable sort by score."""
+    i, order = i.sort(dim=1)
+    s, order = torch.sort(s.gather(1, order), dim=1, descending=True, stable=True)
+    return s, i.gather(1, order)
 
 
 def _merge_ranked(s1: torch.Tensor, i1: torch.Tensor, s2: torch.Tensor, i2: torch.Tensor, k: int
@@ -3825,10 +3829,9 @@ def _faiss_topk(index, query_feats: torch.Tensor, n_g: int, k: int, q_codes: tor
         drop |= q_codes[:, None] == g_codes[i.clamp(min=0)]
     s = s.masked_fill(drop, float("-inf"))
     i = i.masked_fill(drop, n_g)  # sorts after every real index among equal scores
-    i, order = i.sort(dim=1)
-    s, order2 = torch.sort(s.gather(1, order), dim=1, descending=True, stable=True)
-    i = i.gather(1, order2)[:, :k]
-    return s[:, :k], i.masked_fill(i == n_g, -1)
+    s, i = _ties_by_lower_index(s, i)
+    s, i = s[:, :k], i[:, :k]
+    return s, i.masked_fill(i == n_g, -1)
 
 
 def _relevant_sets(relevant: Sequence[int | Iterable[int]]) -> list[set[int]]:
