@@ -243,16 +243,21 @@ def file_stat_key(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
 _SHA1_BY_STAT: dict[tuple[str, int, int, int, int], str] = {}
 
 
-def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_digest(path: str | os.PathLike, algorithm: str = "sha1", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes (hashlib `algorithm`), read in chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha1(path: str | os.PathLike) -> str:
     """SHA-1 of a file's bytes: the identity used for leakage checks and caches. Computed once per
     process for each file_stat_key and remembered."""
     key = file_stat_key(path)
     if key not in _SHA1_BY_STAT:
-        h = hashlib.sha1()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _SHA1_BY_STAT[key] = h.hexdigest()
+        _SHA1_BY_STAT[key] = file_digest(path, "sha1")
     return _SHA1_BY_STAT[key]
 
 
@@ -2368,7 +2373,7 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
-    digest = _sha256_file(tmp)
+    digest = file_digest(tmp, "sha256")
     os.replace(tmp, path)
     tmp_digest = path.with_name(f".{path.name}.sha256.{os.getpid()}.tmp")
     tmp_digest.write_text(digest)
@@ -2380,20 +2385,12 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict:
     digest; raises CheckpointError (saying which file and why) when it does not match or load."""
     path = Path(path)
     digest_path = path.with_name(path.name + ".sha256")
-    if not digest_path.is_file() or digest_path.read_text().strip() != _sha256_file(path):
+    if not digest_path.is_file() or digest_path.read_text().strip() != file_digest(path, "sha256"):
         raise CheckpointError(f"{path}: missing digest or content changed since it was written (truncated or edited).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of a damaged file, or a non-tensor object
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e}).") from e
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _resumable_run(last_path: Path, best_path: Path, config_hash: str) -> dict | None:
