@@ -709,6 +709,7 @@ def select_test_queries(queries: Mapping[str, pd.DataFrame], test_split: str = "
         out[track] = q[q["source"].isin(keep)].reset_index(drop=True)
     return out
 
+
 def exam_id(file: str) -> str:
     """Examination of a public-release file `<8 digits>_<18 digits>_<3 digits>_imageNN.png`: its
     first two fields (several images share one examination); the file name itself otherwise."""
@@ -1201,6 +1202,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
 
 def plot_sample_grid(images: pd.DataFrame, per_class: int = 4, seed: int = 0, thumb: int = 160):
     """A grid of `per_class` random images for each label (rows in LABELS order); returns a Figure."""
@@ -2800,11 +2802,10 @@ def train_dino(
     config_hash = run_config_hash(config)
     run_dir = Path(checkpoint_dir) / f"dino_{config_hash[:12]}"
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    model.to(device)
     ckpt = _resumable_run(last_path, best_path, config_hash)
     if ckpt is not None and ckpt["finished"]:
         tqdm.write(f"train_dino: reusing finished run {run_dir} (best epoch {ckpt['best_epoch']}).")
-        model.load_state_dict(load_torch_checkpoint(best_path)["model"])
+        model.to(device).load_state_dict(load_torch_checkpoint(best_path)["model"])
         return pd.DataFrame(ckpt["history"]), best_path
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -3974,13 +3975,15 @@ def evaluate_i2i(feats: Mapping[str, torch.Tensor], region_probs: torch.Tensor, 
     optimistic, the "all pairs" rows include training images. Returns (table: embedding, pairs,
     ranking, n, R@1, R@5, R@10, MRR; choice: embedding, beta, ranked [Q, k] of the chosen one).
     """
+    queries = list(queries)
     choose_on = list(held_out) or list(range(len(queries)))
+    query_region = region_probs[queries]  # (Q, C), the same for every embedding
     rows, ranked_by = [], {}
     for name, f in feats.items():
-        scores, ranked = cosine_topk(f[list(queries)], f, k=k, query_ids=list(queries), gallery_ids=range(len(f)))
-        beta, _ = choose_rerank_beta(scores[choose_on], ranked[choose_on], region_probs[list(queries)][choose_on],
+        scores, ranked = cosine_topk(f[queries], f, k=k, query_ids=queries, gallery_ids=range(len(f)))
+        beta, _ = choose_rerank_beta(scores[choose_on], ranked[choose_on], query_region[choose_on],
                                      region_probs, [relevant[i] for i in choose_on])
-        reranked = rerank_by_region(scores, ranked, region_probs[list(queries)], region_probs, beta)[1]
+        reranked = rerank_by_region(scores, ranked, query_region, region_probs, beta)[1]
         ranked_by[name] = (beta, reranked)
         for subset, idx in (("held-out pairs (choice)", choose_on), ("all pairs", list(range(len(queries))))):
             for variant, r in (("plain", ranked), ("region re-rank", reranked)):
@@ -3991,6 +3994,7 @@ def evaluate_i2i(feats: Mapping[str, torch.Tensor], region_probs: torch.Tensor, 
     best = pick.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
     beta, ranked = ranked_by[best.embedding]
     return table, {"embedding": best.embedding, "beta": beta, "ranked": ranked}
+
 
 def description_queries(descriptions: Sequence[str]) -> tuple[list[str], list[set[int]]]:
     """Track 3 evaluation from the public set: every distinct finding line of the English
