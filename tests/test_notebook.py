@@ -98,7 +98,7 @@ def test_rerun_reuses_caches_and_checkpoint_and_repeats_the_results(demo_runs):
 def test_fresh_runs_are_deterministic_by_seed(demo_runs, tmp_path, seed, same):
     """From scratch into another folder: the same seed writes the same predictions and submissions
     on the CPU; another seed changes them."""
-    out, first, *_, submissions, _ = demo_runs
+    _, first, *_, submissions, _ = demo_runs
     _run(tmp_path, seed=seed)
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert (again["val_predictions"] == first["val_predictions"]) is same
