@@ -1,61 +1,178 @@
-"""Tests for the BiomedCLIP section: CPU, tiny random models, no network."""
+"""BiomedCLIP (utils section 4) and the prototype classifier (section 5): CPU, tiny random models,
+no network. The BiomedCLIP folder is built from the hub repository's real open_clip_config.json (a
+random ViT-B/16 and a tiny BERT text tower), once per module."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
+import huggingface_hub.constants
 import matplotlib
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import EntryNotFoundError
 from matplotlib.figure import Figure
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.metrics import log_loss
+from torch import nn
+from transformers import BertConfig, BertTokenizer
 
-from utils import COARSE_CLASSES, LABEL_TO_COARSE, LABELS
+import utils
 from utils import (
+    BIOMEDCLIP_FILES,
+    BIOMEDCLIP_HUB_ID,
+    BIOMEDCLIP_TEXT_HUB_ID,
     COARSE_CLASS_TEXTS,
+    COARSE_CLASSES,
     FINE_CLASS_TEXTS,
+    LABEL_TO_COARSE,
+    LABELS,
     PROMPT_TEMPLATES,
+    PROTOTYPE_TEMPERATURE_GRID,
+    PROTOTYPE_WEIGHT_GRID,
+    FeatureTable,
     add_description_prompts,
-    alpha_query_expansion,
-    build_tiny_clip,
     choose_prototype_weight,
-    choose_rerank_beta,
-    build_class_prompts,
-    choose_query_expansion,
-    cosine_topk,
-    description_queries,
+    class_prompts,
     embed_images,
     embed_texts,
+    file_sha1,
+    fit_prototype_classifier,
     image_prototypes,
     joint_prototypes,
     load_clip,
-    mean_reciprocal_rank,
     plot_embedding_projection,
-    plot_retrieval_gallery,
-    prototype_classify,
-    prototype_confidence,
-    prototype_logits,
-    recall_at_k,
-    rerank_by_region,
-    retrieval_hits,
-    split_finding_lines,
+    prototype_probs,
     text_prototypes,
-    text_to_image,
 )
 
 matplotlib.use("Agg")
 
 CPU = torch.device("cpu")
 
+# The fields of open_clip_config.json in microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, exactly.
+BIOMEDCLIP_CONFIG: dict = {
+    "model_cfg": {
+        "embed_dim": 512,
+        "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+    },
+    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+}
+TEXT_FOLDER = Path(BIOMEDCLIP_TEXT_HUB_ID).name  # the sub-folder export_biomedclip writes
+BIOMEDCLIP_REPO = BIOMEDCLIP_HUB_ID.removeprefix("hf-hub:")
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "an", "endoscopic", "image", "of", "the", "right", "left",
+         "nasal", "passage", "ear", "canal", "tympanic", "membrane", "vocal", "cords", "open", "closed", "throat",
+         "this", "is", "a", "photo", "spur", "on", "septum"]
+SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                  "mask_token": "[MASK]"}
 
-# ----------------------------------------------------------------------------------- fixtures
+
+# ----------------------------------------------------------------------------------- helpers, fixtures
+
+
+def unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """A BERT WordPiece tokenizer's hub files: vocab.txt, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json (the names of BiomedCLIP's repository; a small vocabulary)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS), encoding="utf-8")
+
+
+def write_bert_folder(folder: Path) -> Path:
+    """The text tower's repository as export_biomedclip copies it: config.json (a tiny BERT: hidden 32,
+    one layer; the real one is BiomedBERT-base) and its tokenizer files."""
+    write_tokenizer_files(folder)
+    BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=256).save_pretrained(folder)
+    return folder
+
+
+def write_config(folder: Path, text_tower: str | None = None) -> None:
+    """BiomedCLIP's open_clip_config.json, or a copy whose text tower names the folder `text_tower`."""
+    config = copy.deepcopy(BIOMEDCLIP_CONFIG)
+    if text_tower:
+        config["model_cfg"]["text_cfg"].update(hf_model_name=text_tower, hf_tokenizer_name=text_tower)
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.symlink(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def listing(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(folder)), p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@dataclass
+class BiomedFolder:
+    folder: Path  # BiomedCLIP's hub files + the text tower's files in TEXT_FOLDER/
+    pixels: torch.Tensor  # (2, 3, 224, 224) fixed model inputs ...
+    tokens: torch.Tensor  # (2, 256)
+    image_ref: torch.Tensor  # ... and the saved model's encode_image / encode_text of them
+    text_ref: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def biomedclip(tmp_path_factory) -> Iterator[BiomedFolder]:
+    """A folder laid out as export_biomedclip writes it, from BiomedCLIP's real config; its weights are
+    the state dict of the model open_clip builds from that config (ViT-B/16, ~350 MB; tiny BERT)."""
+    root = tmp_path_factory.mktemp("biomedclip")
+    write_tokenizer_files(root)
+    text_dir = write_bert_folder(root / TEXT_FOLDER)
+    write_config(root)
+    build = copy.deepcopy(BIOMEDCLIP_CONFIG["model_cfg"])
+    build["text_cfg"].update(hf_model_name=str(text_dir), hf_tokenizer_name=str(text_dir), hf_model_pretrained=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.CustomTextCLIP(**build).eval()
+    torch.save(model.state_dict(), root / "open_clip_pytorch_model.bin")
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    tokens = torch.zeros(2, 256, dtype=torch.long)
+    tokens[0, :6] = torch.tensor([2, VOCAB.index("ear"), VOCAB.index("canal"), VOCAB.index("left"), 5, 3])
+    tokens[1, :5] = torch.tensor([2, VOCAB.index("nasal"), VOCAB.index("passage"), 5, 3])
+    with torch.inference_mode():
+        image_ref, text_ref = model.encode_image(pixels), model.encode_text(tokens)
+    yield BiomedFolder(root, pixels, tokens, image_ref, text_ref)
+    shutil.rmtree(root, ignore_errors=True)  # pytest keeps recent temp folders: not 350 MB each
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No sockets in this process; an empty Hugging Face cache here and in child interpreters."""
+    def no_network(*args, **kwargs):
+        raise OSError("network access during an offline test")
+
+    for name in ("getaddrinfo", "create_connection"):
+        monkeypatch.setattr(socket, name, no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +182,7 @@ def tiny():
 
 @pytest.fixture
 def image_paths(tmp_path: Path) -> list[Path]:
-    """Six small noise images (one grayscale) of different contents."""
+    """Six small noise images of different contents (one grayscale)."""
     rng = np.random.default_rng(0)
     paths = []
     for i in range(6):
@@ -76,7 +193,7 @@ def image_paths(tmp_path: Path) -> list[Path]:
     return paths
 
 
-def count_images_encoded(monkeypatch, model) -> list[int]:
+def count_encodes(monkeypatch, model) -> list[int]:
     """Wrap model.encode_image; the returned list gets each call's batch size."""
     calls: list[int] = []
     original = model.encode_image
@@ -89,26 +206,12 @@ def count_images_encoded(monkeypatch, model) -> list[int]:
     return calls
 
 
-def unit(n: int, d: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def naive_topk(q: np.ndarray, g: np.ndarray, k: int, exclude: np.ndarray | None) -> np.ndarray:
-    """Per query: sort by (-cosine, gallery index), drop excluded pairs, keep k."""
-    out = []
-    for i, qi in enumerate(q):
-        sims = g @ qi
-        order = [j for j in np.lexsort((np.arange(len(g)), -sims)) if exclude is None or not exclude[i, j]]
-        out.append(order[:k])
-    return np.array(out)
-
-
-# ----------------------------------------------------------------------------------- loading, embeddings
+# ----------------------------------------------------------------------------------- tiny CLIP
 
 
 def test_tiny_clip_embeds_images_and_texts_as_unit_vectors(tiny, image_paths):
     model, preprocess, tokenizer = tiny
-    img = embed_images(model, preprocess, image_paths, CPU, batch_size=4, num_workers=0, progress=False)
+    img = embed_images(model, preprocess, image_paths, CPU, batch_size=4, progress=False)
     with_workers = embed_images(model, preprocess, image_paths, CPU, batch_size=4, num_workers=2, progress=False)
     assert torch.allclose(img, with_workers, atol=1e-6)  # same order and values through worker processes
     txt = embed_texts(model, tokenizer, ["an endoscopic image of the ear.", "nose"], CPU)
@@ -116,94 +219,264 @@ def test_tiny_clip_embeds_images_and_texts_as_unit_vectors(tiny, image_paths):
     assert img.dtype == torch.float32 and txt.dtype == torch.float32
     assert torch.allclose(img.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.allclose(txt.norm(dim=1), torch.ones(2), atol=1e-5)
-    assert not model.training
+    assert not torch.allclose(txt[0], txt[1], atol=1e-3) and not model.training
 
 
 def test_tiny_clip_depends_only_on_seed_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    a, b, c = build_tiny_clip(0)[0], build_tiny_clip(0)[0], build_tiny_clip(1)[0]
+    a, b, c = (load_clip("tiny", CPU, seed=s)[0].state_dict() for s in (0, 0, 1))
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert torch.equal(a.visual.conv1.weight, b.visual.conv1.weight)
-    assert not torch.equal(a.visual.conv1.weight, c.visual.conv1.weight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
 
 
 def test_bf16_autocast_embeddings_close_to_fp32(tiny, image_paths):
-    model, preprocess, _ = tiny
-    fp32 = embed_images(model, preprocess, image_paths, CPU, num_workers=0, amp_dtype=None, progress=False)
-    bf16 = embed_images(model, preprocess, image_paths, CPU, num_workers=0, amp_dtype=torch.bfloat16, progress=False)
-    assert bf16.dtype == torch.float32
+    model, preprocess, tokenizer = tiny
+    fp32 = embed_images(model, preprocess, image_paths, CPU, amp="fp32", progress=False)
+    bf16 = embed_images(model, preprocess, image_paths, CPU, amp="bf16", progress=False)
+    assert bf16.dtype == torch.float32 and torch.allclose(bf16.norm(dim=1), torch.ones(6), atol=1e-5)
     assert (fp32 * bf16).sum(1).min() > 0.98  # cosine between the two runs
+    texts = ["An endoscopic image of the right nasal passage.", "vocal cords"]
+    t32, t16 = (embed_texts(model, tokenizer, texts, CPU, amp=amp) for amp in ("fp32", "bf16"))
+    assert (t32 * t16).sum(1).min() > 0.98
+
+
+def test_unknown_clip_name_lists_the_accepted_forms():
+    with pytest.raises(ValueError, match="hf-hub:.*local-dir:.*tiny"):
+        load_clip("ViT-B-32", CPU)
+
+
+# ----------------------------------------------------------------------------------- BiomedCLIP offline
+
+
+def test_biomedclip_folder_loads_in_a_fresh_offline_interpreter(biomedclip, offline, tmp_path):
+    before = listing(biomedclip.folder)
+    result = utils.check_clip_offline(biomedclip.folder, tmp_path / "cache")
+    assert result == {"text_dim": 512, "image_dim": 512, "tokenizer": "HFTokenizer"}
+    assert listing(biomedclip.folder) == before  # the folder (a read-only Kaggle dataset) is never written
+
+
+def test_biomedclip_local_dir_loads_the_saved_weights_in_process(biomedclip, offline, tmp_path):
+    before = listing(biomedclip.folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # a model left at its random init would not match the saved one
+        model, preprocess, tokenizer = load_clip(f"local-dir:{biomedclip.folder}", CPU, cache_dir=tmp_path / "cache")
+    assert listing(biomedclip.folder) == before and not model.training
+    with torch.inference_mode():
+        assert torch.allclose(model.encode_image(biomedclip.pixels), biomedclip.image_ref, atol=1e-4)
+        assert torch.allclose(model.encode_text(biomedclip.tokens), biomedclip.text_ref, atol=1e-5)
+    texts = ["An endoscopic image of the right nasal passage.", "this is a photo of the left ear canal."]
+    tokens = tokenizer(texts)
+    assert tokens.shape == (2, 256) and tokens[0, 0].item() == VOCAB.index("[CLS]")  # BERT tokens, context 256
+    assert tokens[0, 1:8].tolist() == [VOCAB.index(w) for w in ("an", "endoscopic", "image", "of", "the", "right", "nasal")]
+    assert not torch.equal(tokens[0], tokens[1])
+    txt = embed_texts(model, tokenizer, texts, CPU, amp="fp32")
+    with torch.inference_mode():
+        assert torch.allclose(txt, F.normalize(model.encode_text(tokens), dim=-1), atol=1e-5)
+    x = preprocess(Image.new("RGB", (640, 480), (255, 255, 255)))
+    assert x.shape == (3, 224, 224)
+    mean, std = (torch.tensor(BIOMEDCLIP_CONFIG["preprocess_cfg"][k])[:, None, None] for k in ("mean", "std"))
+    assert torch.allclose(x, ((1 - mean) / std).expand_as(x), atol=1e-5)  # the config's mean/std
+
+
+def test_text_tower_at_an_absolute_hf_model_name_path(biomedclip, offline, tmp_path):
+    bert = write_bert_folder(tmp_path / "bert_elsewhere")
+    folder = tmp_path / "biomedclip_abs"
+    write_tokenizer_files(folder)
+    write_config(folder, text_tower=str(bert.resolve()))
+    link_or_copy(biomedclip.folder / "open_clip_pytorch_model.bin", folder / "open_clip_pytorch_model.bin")
+    model, _, tokenizer = load_clip(f"local-dir:{folder}", CPU, cache_dir=tmp_path / "cache")
+    with torch.inference_mode():
+        assert torch.allclose(model.encode_text(biomedclip.tokens), biomedclip.text_ref, atol=1e-5)
+    assert embed_texts(model, tokenizer, ["vocal cords open"], CPU, amp="fp32").shape == (1, 512)
+
+
+def test_local_dir_without_text_tower_files_says_what_to_put_where(offline, tmp_path):
+    folder = tmp_path / "only_biomedclip_repo"  # what downloading BiomedCLIP's repository alone gives
+    write_tokenizer_files(folder)
+    write_config(folder)
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"never read")
+    with pytest.raises(FileNotFoundError) as err:
+        load_clip(f"local-dir:{folder}", CPU, cache_dir=tmp_path / "cache")
+    message = str(err.value)
+    assert "config.json and vocab.txt" in message and BIOMEDCLIP_TEXT_HUB_ID in message
+    assert str(folder / TEXT_FOLDER) in message and "export_biomedclip" in message
+
+
+def test_folder_without_open_clip_config_names_the_files_needed(tmp_path):
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json") as err:
+        load_clip(f"local-dir:{tmp_path}", CPU, cache_dir=tmp_path / "cache")
+    assert all(name in str(err.value) for name in BIOMEDCLIP_FILES) and "export_biomedclip" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------- export_biomedclip
+
+
+def fake_hub(monkeypatch, hub: Path) -> list[tuple[str, str]]:
+    """hf_hub_download served from hub/<repo id>/<file>: copies into local_dir, EntryNotFoundError for
+    a file the repository lacks. Returns the list of (repo id, file) requested."""
+    calls: list[tuple[str, str]] = []
+
+    def download(repo_id, filename, *, local_dir=None, **kwargs):
+        calls.append((repo_id, filename))
+        src = hub / repo_id / filename
+        if not src.is_file():
+            raise EntryNotFoundError(f"404: {filename} is not in {repo_id}")
+        dest = Path(local_dir) / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return calls
+
+
+def stand_in_hub(hub: Path, skip: tuple[str, ...] = ()) -> None:
+    """Both repositories with small stand-in files that name their repository; `skip` names are absent."""
+    for repo, names in ((BIOMEDCLIP_REPO, BIOMEDCLIP_FILES), (BIOMEDCLIP_TEXT_HUB_ID, utils.HF_TEXT_FILES)):
+        (hub / repo).mkdir(parents=True)
+        for name in names:
+            if name not in skip:
+                (hub / repo / name).write_text(f"{repo}/{name}", encoding="utf-8")
+
+
+def test_export_biomedclip_writes_the_offline_layout(monkeypatch, tmp_path):
+    stand_in_hub(tmp_path / "hub", skip=("special_tokens_map.json", "tokenizer.json"))  # optional in both repos
+    calls = fake_hub(monkeypatch, tmp_path / "hub")
+    out = utils.export_biomedclip(tmp_path / "export")
+    assert out == tmp_path / "export"
+    assert {repo for repo, _ in calls} == {BIOMEDCLIP_REPO, BIOMEDCLIP_TEXT_HUB_ID}  # no "hf-hub:" prefix
+    root = sorted(p.name for p in out.iterdir())
+    assert root == sorted([TEXT_FOLDER, "open_clip_config.json", "open_clip_pytorch_model.bin",
+                           "tokenizer_config.json", "vocab.txt"])
+    assert (out / "vocab.txt").read_text() == f"{BIOMEDCLIP_REPO}/vocab.txt"  # BiomedCLIP's files at the root
+    text = out / TEXT_FOLDER
+    assert sorted(p.name for p in text.iterdir()) == ["config.json", "tokenizer_config.json", "vocab.txt"]
+    assert (text / "config.json").read_text() == f"{BIOMEDCLIP_TEXT_HUB_ID}/config.json"
+    assert (text / "vocab.txt").read_text() == f"{BIOMEDCLIP_TEXT_HUB_ID}/vocab.txt"
+
+
+@pytest.mark.parametrize("missing", ["open_clip_config.json", "open_clip_pytorch_model.bin", "config.json"])
+def test_export_biomedclip_raises_for_a_missing_required_file(monkeypatch, tmp_path, missing):
+    stand_in_hub(tmp_path / "hub", skip=(missing,))
+    fake_hub(monkeypatch, tmp_path / "hub")
+    with pytest.raises(EntryNotFoundError, match=missing):
+        utils.export_biomedclip(tmp_path / "export")
+
+
+def test_exported_folder_loads_offline(biomedclip, monkeypatch, offline, tmp_path):
+    hub = tmp_path / "hub"
+    for repo, src in ((BIOMEDCLIP_REPO, biomedclip.folder), (BIOMEDCLIP_TEXT_HUB_ID, biomedclip.folder / TEXT_FOLDER)):
+        (hub / repo).mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and not (repo == BIOMEDCLIP_TEXT_HUB_ID and f.name == "tokenizer.json"):
+                link_or_copy(f, hub / repo / f.name)
+    fake_hub(monkeypatch, hub)
+    folder = utils.export_biomedclip(tmp_path / "export")
+    assert not (folder / TEXT_FOLDER / "tokenizer.json").exists()  # the text repo without it still loads
+    result = utils.check_clip_offline(folder, tmp_path / "cache")
+    assert result["text_dim"] == result["image_dim"] == 512
+    shutil.rmtree(folder)  # the weights copy
+
+
+# ----------------------------------------------------------------------------------- embedding cache
 
 
 def test_cache_second_call_never_calls_the_model(monkeypatch, image_paths, tmp_path):
-    model, preprocess, _ = build_tiny_clip(0)
-    calls = count_images_encoded(monkeypatch, model)
-    kw = dict(num_workers=0, amp_dtype=None, cache_dir=tmp_path / "cache", progress=False)
-    first = embed_images(model, preprocess, image_paths, CPU, **kw)
-    assert sum(calls) == 6
+    model, preprocess, _ = load_clip("tiny", CPU)
+    copy_of_0 = tmp_path / "copy_of_img0.png"
+    shutil.copyfile(image_paths[0], copy_of_0)
+    paths = [*image_paths, copy_of_0]
+    calls = count_encodes(monkeypatch, model)
+    kw = {"amp": "fp32", "cache_dir": tmp_path / "cache", "progress": False}
+    first = embed_images(model, preprocess, paths, CPU, **kw)
+    assert sum(calls) == 6  # one encoding per content: the copy is not encoded again
+    assert torch.equal(first[6], first[0])
     calls.clear()
-    second = embed_images(model, preprocess, image_paths[::-1], CPU, **kw)
+    second = embed_images(model, preprocess, paths[::-1], CPU, **kw)
     assert calls == []
     assert torch.equal(second, first.flip(0))
+    content = {str(p): file_sha1(p) for p in paths}
+    assert torch.equal(embed_images(model, preprocess, paths, CPU, content=content, **kw), first) and calls == []
 
 
-def test_cache_reencodes_only_the_changed_file(monkeypatch, image_paths, tmp_path):
-    model, preprocess, _ = build_tiny_clip(0)
-    calls = count_images_encoded(monkeypatch, model)
-    kw = dict(num_workers=0, amp_dtype=None, cache_dir=tmp_path / "cache", progress=False)
-    before = embed_images(model, preprocess, image_paths, CPU, **kw)
-    Image.new("RGB", (80, 60), (200, 30, 30)).save(image_paths[2])  # same name, new content
+@pytest.mark.parametrize("content", ["given", "hashed"])
+def test_cache_reencodes_only_the_changed_file(monkeypatch, image_paths, tmp_path, content):
+    model, preprocess, _ = load_clip("tiny", CPU)
+    calls = count_encodes(monkeypatch, model)
+    kw = {"amp": "fp32", "cache_dir": tmp_path / "cache", "progress": False}
+
+    def keys():
+        return {str(p): file_sha1(p) for p in image_paths} if content == "given" else None
+
+    before = embed_images(model, preprocess, image_paths, CPU, content=keys(), **kw)
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(image_paths[2])  # same path, new content
     calls.clear()
-    after = embed_images(model, preprocess, image_paths, CPU, **kw)
+    after = embed_images(model, preprocess, image_paths, CPU, content=keys(), **kw)
     assert calls == [1]
-    fresh = embed_images(model, preprocess, [image_paths[2]], CPU, num_workers=0, amp_dtype=None, progress=False)
-    assert torch.allclose(after[2], fresh[0], atol=1e-6)
-    assert not torch.allclose(after[2], before[2], atol=1e-3)
+    fresh = embed_images(model, preprocess, [image_paths[2]], CPU, amp="fp32", progress=False)
+    assert torch.allclose(after[2], fresh[0], atol=1e-6)  # the same single-image batch
+    assert not torch.allclose(after[2], before[2], atol=1e-2)
     keep = [0, 1, 3, 4, 5]
     assert torch.equal(after[keep], before[keep])
 
 
-def test_cache_misses_for_a_different_model(monkeypatch, image_paths, tmp_path):
+def test_cache_of_another_model_is_another_file(monkeypatch, image_paths, tmp_path):
     cache = tmp_path / "cache"
-    m0, pre0, _ = build_tiny_clip(0)
-    a = embed_images(m0, pre0, image_paths, CPU, num_workers=0, amp_dtype=None, cache_dir=cache, progress=False)
-    m1, pre1, _ = build_tiny_clip(1)
-    calls = count_images_encoded(monkeypatch, m1)
-    b = embed_images(m1, pre1, image_paths, CPU, num_workers=0, amp_dtype=None, cache_dir=cache, progress=False)
+    m0, pre0, _ = load_clip("tiny", CPU, seed=0)
+    a = embed_images(m0, pre0, image_paths, CPU, amp="fp32", cache_dir=cache, progress=False)
+    m1, pre1, _ = load_clip("tiny", CPU, seed=1)
+    calls = count_encodes(monkeypatch, m1)
+    b = embed_images(m1, pre1, image_paths, CPU, amp="fp32", cache_dir=cache, progress=False)
     assert sum(calls) == 6
-    assert not torch.allclose(a, b, atol=1e-3)
-    assert len(list(cache.glob("clip_image_feats_*.safetensors"))) == 2
+    assert not torch.allclose(a, b, atol=1e-2)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    calls.clear()
+    assert torch.equal(embed_images(m1, pre1, image_paths, CPU, amp="fp32", cache_dir=cache, progress=False), b)
+    assert calls == []  # each model's rows stay readable next to the other's
 
 
-def _tamper(cache_file):
-    """Edit one embedding in place and save a valid safetensors file with the old metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def drop_last_row(cache_file: Path) -> None:
+    """A readable safetensors file whose keys no longer match its rows."""
     with safe_open(str(cache_file), framework="pt") as f:
-        meta, feats = f.metadata(), f.get_tensor("feats")
-    feats[0] = -feats[0]
-    save_file({"feats": feats}, str(cache_file), metadata=meta)
+        meta, rows = f.metadata(), f.get_tensor("rows")
+    save_file({"rows": rows[:-1].contiguous()}, str(cache_file), metadata=meta)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "tamper"])
-def test_corrupt_cache_is_detected_and_rebuilt(monkeypatch, image_paths, tmp_path, damage):
-    model, preprocess, _ = build_tiny_clip(0)
-    kw = dict(num_workers=0, amp_dtype=None, cache_dir=tmp_path / "cache", progress=False)
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "rows-lost"])
+def test_damaged_cache_is_reported_and_rebuilt(monkeypatch, image_paths, tmp_path, damage):
+    model, preprocess, _ = load_clip("tiny", CPU)
+    kw = {"amp": "fp32", "cache_dir": tmp_path / "cache", "progress": False}
     good = embed_images(model, preprocess, image_paths, CPU, **kw)
     (cache_file,) = (tmp_path / "cache").glob("*.safetensors")
     data = cache_file.read_bytes()
-    if damage == "tamper":
-        _tamper(cache_file)
+    if damage == "rows-lost":
+        drop_last_row(cache_file)
     else:
         cache_file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
-    calls = count_images_encoded(monkeypatch, model)
-    with pytest.warns(UserWarning, match="rebuilding"):
+    calls = count_encodes(monkeypatch, model)
+    with pytest.warns(UserWarning, match="unusable cache"):
         rebuilt = embed_images(model, preprocess, image_paths, CPU, **kw)
     assert sum(calls) == 6
     assert torch.allclose(rebuilt, good, atol=1e-6)
     calls.clear()
-    embed_images(model, preprocess, image_paths, CPU, **kw)  # the rebuilt cache is valid again
+    assert torch.equal(embed_images(model, preprocess, image_paths, CPU, **kw), rebuilt)  # valid again
     assert calls == []
+
+
+def test_cached_embeddings_equal_uncached_ones(tiny, image_paths, tmp_path):
+    model, preprocess, _ = tiny
+    kw = {"amp": "fp32", "progress": False}
+    plain = embed_images(model, preprocess, image_paths, CPU, batch_size=4, **kw)
+    cached = embed_images(model, preprocess, image_paths, CPU, batch_size=4, cache_dir=tmp_path / "c", **kw)
+    assert torch.allclose(cached, plain, atol=1e-6)  # the same batches
+    # the first three cached by one call, the rest encoded in another batch by the next one
+    partial = tmp_path / "p"
+    embed_images(model, preprocess, image_paths[:3], CPU, batch_size=4, cache_dir=partial, **kw)
+    mixed = embed_images(model, preprocess, image_paths, CPU, batch_size=4, cache_dir=partial, **kw)
+    assert torch.allclose(mixed, plain, atol=1e-4)
+    assert embed_images(model, preprocess, [], CPU, cache_dir=partial, **kw).numel() == 0
 
 
 # ----------------------------------------------------------------------------------- prototypes
@@ -212,9 +485,14 @@ def test_corrupt_cache_is_detected_and_rebuilt(monkeypatch, image_paths, tmp_pat
 def test_image_prototypes_equal_naive_class_means():
     feats, labels = unit(40, 8, 0), torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(1))
     protos = image_prototypes(feats, labels, 4)
+    assert protos.shape == (4, 8)
     for c in range(4):
         mean = feats[labels == c].mean(0)
         assert torch.allclose(protos[c], mean / mean.norm(), atol=1e-6)
+    read_only = labels.numpy().copy()
+    read_only.flags.writeable = False  # what pandas may hand out
+    assert torch.equal(image_prototypes(feats, read_only, 4), protos)
+    assert torch.equal(image_prototypes(feats, labels.tolist(), 4), protos)
 
 
 def test_empty_class_raises_or_gives_a_zero_prototype():
@@ -224,390 +502,191 @@ def test_empty_class_raises_or_gives_a_zero_prototype():
     protos = image_prototypes(feats, labels, 4, allow_empty=True)
     assert torch.isfinite(protos).all() and protos[2].abs().sum() == 0
     text = unit(4, 8, 5)
-    assert torch.allclose(joint_prototypes(protos, text, 0.7)[2], text[2], atol=1e-6)  # falls back to text
+    assert torch.allclose(joint_prototypes(protos, text, 0.7)[2], text[2], atol=1e-6)  # its text prototype alone
+    with pytest.raises(ValueError, match="class ids 0..3"):
+        image_prototypes(feats, [0, 0, 1, 1, 3, 4], 4)
 
 
-def test_prototype_classifier_equals_per_class_loop():
+def test_prototype_probs_equal_a_per_class_loop_softmax():
     feats, protos, temperature = unit(10, 8, 0), unit(4, 8, 1), 0.05
-    probs = prototype_classify(feats, protos, temperature)
+    probs = prototype_probs(feats, protos, temperature)
+    assert probs.shape == (10, 4)
     for n in range(10):
-        logits = [float(feats[n] @ protos[c]) / temperature for c in range(4)]
-        expected = np.exp(logits - np.max(logits)) / np.exp(logits - np.max(logits)).sum()
+        logits = np.array([float(feats[n] @ protos[c]) / temperature for c in range(4)])
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         assert np.allclose(probs[n].numpy(), expected, atol=1e-6)
-    conf, margin = prototype_confidence(probs)
-    ordered = probs.sort(dim=1, descending=True).values
-    assert torch.equal(conf, ordered[:, 0]) and torch.allclose(margin, ordered[:, 0] - ordered[:, 1])
-    assert torch.allclose(prototype_logits(feats, protos, 100.0), 100.0 * feats @ protos.T)
+    assert torch.allclose(prototype_probs(feats, protos), (100.0 * feats @ protos.T).softmax(1), atol=1e-6)
 
 
 def test_joint_prototypes_are_unit_and_reduce_to_each_side():
     img, txt = unit(4, 8, 0), unit(4, 8, 1)
     assert torch.allclose(joint_prototypes(img, txt, 1.0), img, atol=1e-6)
     assert torch.allclose(joint_prototypes(img, txt, 0.0), txt, atol=1e-6)
-    mid = joint_prototypes(img, txt, 0.5)
+    mid = joint_prototypes(img, txt, 0.3)
     assert torch.allclose(mid.norm(dim=1), torch.ones(4), atol=1e-6)
-    assert torch.allclose(mid, F.normalize(img + txt, dim=-1), atol=1e-6)
+    assert torch.allclose(mid, F.normalize(0.3 * img + 0.7 * txt, dim=-1), atol=1e-6)
 
 
 def test_text_prototypes_are_renormalised_means_of_prompt_embeddings(tiny):
     model, _, tokenizer = tiny
-    prompts = build_class_prompts(COARSE_CLASSES, COARSE_CLASS_TEXTS)
-    protos = text_prototypes(model, tokenizer, prompts, CPU, amp_dtype=None)
+    prompts = class_prompts(COARSE_CLASSES, COARSE_CLASS_TEXTS)
+    protos = text_prototypes(model, tokenizer, prompts, CPU, COARSE_CLASSES)
     assert protos.shape == (4, 32)
-    ear = embed_texts(model, tokenizer, prompts["ear"], CPU, amp_dtype=None).mean(0)
-    assert torch.allclose(protos[COARSE_CLASSES.index("ear")], ear / ear.norm(), atol=1e-5)
-    fine = text_prototypes(model, tokenizer, build_class_prompts(LABELS, FINE_CLASS_TEXTS), CPU, amp_dtype=None)
-    assert fine.shape == (7, 32)
-    with pytest.raises(ValueError, match="No prompts"):
-        text_prototypes(model, tokenizer, {"ear": ["ear"], "nose": []}, CPU)
+    flat = embed_texts(model, tokenizer, [p for c in COARSE_CLASSES for p in prompts[c]], CPU)  # the same batch
+    start = 0
+    for i, c in enumerate(COARSE_CLASSES):
+        mean = flat[start:start + len(prompts[c])].mean(0)
+        start += len(prompts[c])
+        assert torch.allclose(protos[i], mean / mean.norm(), atol=1e-5)
+    reordered = text_prototypes(model, tokenizer, prompts, CPU, COARSE_CLASSES[::-1])  # rows follow class_names
+    assert (reordered * protos.flip(0)).sum(1).min() > 0.999  # other batch positions: a tolerance
+    fine = text_prototypes(model, tokenizer, class_prompts(LABELS, FINE_CLASS_TEXTS), CPU, LABELS)
+    assert fine.shape == (7, 32) and torch.allclose(fine.norm(dim=1), torch.ones(7), atol=1e-5)
+    with pytest.raises(ValueError, match=r"No prompts.*nose"):
+        text_prototypes(model, tokenizer, {"ear": ["ear"], "nose": []}, CPU, ["ear", "nose"])
 
 
-def test_prompts_cover_both_levels_and_take_description_lines():
+def test_class_prompts_cover_both_levels_with_the_paper_template():
     assert set(COARSE_CLASS_TEXTS) == set(COARSE_CLASSES) and set(FINE_CLASS_TEXTS) == set(LABELS)
-    prompts = build_class_prompts(COARSE_CLASSES, COARSE_CLASS_TEXTS)
-    assert prompts["vc"][1] == PROMPT_TEMPLATES[1].format("vocal cords")
+    for names, texts in ((COARSE_CLASSES, COARSE_CLASS_TEXTS), (LABELS, FINE_CLASS_TEXTS)):
+        prompts = class_prompts(names, texts)
+        assert list(prompts) == list(names)
+        for c in names:
+            assert len(prompts[c]) == len(set(prompts[c])) == len(texts[c]) * len(PROMPT_TEMPLATES)
+            assert all("{}" not in p for p in prompts[c])
+    assert "An endoscopic image of the {}." in PROMPT_TEMPLATES
+    assert "An endoscopic image of the right nasal passage." in class_prompts(LABELS, FINE_CLASS_TEXTS)["nose-right"]
+    assert "this is a photo of vocal cords." in class_prompts(COARSE_CLASSES, COARSE_CLASS_TEXTS)["vc"]
+
+
+def test_add_description_prompts_takes_training_lines_deduplicated():
+    prompts = class_prompts(COARSE_CLASSES, COARSE_CLASS_TEXTS)
+    kept = copy.deepcopy(prompts)
     extended = add_description_prompts(
-        prompts, ["ear-left", "ear-right", "nose-left", "unknown"],
-        ["the tympanic membrane is intact\r\nno discharge", "no discharge", "a spur on the septum", "x"],
+        prompts, ["ear-left", "ear-right", "nose-left", "unknown", "ear-left"],
+        ["the tympanic membrane is intact\r\nno discharge", "no discharge", "a spur on the septum", "x",
+         "- no discharge\n\n"],
         label_map=LABEL_TO_COARSE,
     )
-    assert extended["ear"][-2:] == ["the tympanic membrane is intact", "no discharge"]
-    assert extended["nose"][-1] == "a spur on the septum"
-    assert extended["throat"] == prompts["throat"] and "x" not in sum(extended.values(), [])
-    assert len(prompts["ear"]) == len(COARSE_CLASS_TEXTS["ear"]) * len(PROMPT_TEMPLATES)  # input untouched
-
-
-def test_coarse_of_follows_label_to_coarse():
-    from utils import coarse_of
-    ids = coarse_of(range(len(LABELS)))
-    assert [COARSE_CLASSES[i] for i in ids] == [LABEL_TO_COARSE[name] for name in LABELS]
-    fine = np.arange(35) % 7  # both levels run through the same prototype code
-    feats = unit(35, 8, 0)
-    coarse_protos = image_prototypes(feats, coarse_of(fine), len(COARSE_CLASSES))
-    fine_protos = image_prototypes(feats, fine, len(LABELS))
-    assert prototype_classify(feats, coarse_protos).shape == (35, 4)
-    assert prototype_classify(feats, fine_protos).shape == (35, 7)
+    assert extended["ear"] == prompts["ear"] + ["the tympanic membrane is intact", "no discharge"]
+    assert extended["nose"] == prompts["nose"] + ["a spur on the septum"]
+    assert extended["throat"] == prompts["throat"] and all("x" not in p for p in extended.values())
+    assert prompts == kept  # the input is not changed
+    fine_prompts = class_prompts(LABELS, FINE_CLASS_TEXTS)
+    fine = add_description_prompts(fine_prompts, ["vc-open"], ["the glottis is open"])  # no label_map: labels
+    assert fine["vc-open"] == fine_prompts["vc-open"] + ["the glottis is open"]
+    assert fine["vc-closed"] == fine_prompts["vc-closed"]
 
 
 def test_choose_prototype_weight_prefers_the_informative_prototypes():
     g = torch.Generator().manual_seed(0)
     centres = unit(4, 16, 3)
     labels = torch.arange(4).repeat(25)
-    feats = F.normalize(centres[labels] + 0.3 * torch.randn(100, 16, generator=g), dim=-1)
+    feats = F.normalize(centres[labels] + 0.15 * torch.randn(100, 16, generator=g), dim=-1)
     noise = unit(4, 16, 9)  # prototypes unrelated to the classes
     by_image = choose_prototype_weight(feats, labels, centres, noise)
     by_text = choose_prototype_weight(feats, labels, noise, centres)
-    assert by_image.weight >= 0.8 and by_text.weight <= 0.2
-    at_w = by_image.table[by_image.table.weight == by_image.weight]
-    assert by_image.temperature == at_w.loc[at_w.log_loss.idxmin(), "temperature"]
-    assert by_image.table.macro_f1.max() == at_w.macro_f1.max()
+    assert len(by_image) == len(PROTOTYPE_WEIGHT_GRID) * len(PROTOTYPE_TEMPERATURE_GRID)
+    assert set(by_image.columns) >= {"weight", "temperature", "accuracy", "macro_f1", "log_loss"}
+    f1_image = by_image.groupby("weight")["macro_f1"].first()
+    f1_text = by_text.groupby("weight")["macro_f1"].first()
+    assert f1_image[1.0] == 1.0 and f1_image[0.0] < 0.6  # image side informative
+    assert f1_text[0.0] == 1.0 and f1_text[1.0] < 0.6  # text side informative
+    assert (by_image.groupby("weight")["accuracy"].nunique() == 1).all()  # the temperature never moves argmax
+    for _, row in by_image.sample(5, random_state=0).iterrows():  # log loss of prototype_probs at that point
+        protos = joint_prototypes(centres, noise, row.weight).double()
+        probs = prototype_probs(feats.double(), protos, row.temperature).numpy()
+        assert row.log_loss == pytest.approx(log_loss(labels.numpy(), probs, labels=range(4)), rel=1e-6)
 
 
-# ----------------------------------------------------------------------------------- retrieval
-
-
-def test_cosine_topk_equals_bruteforce_and_never_returns_self():
-    feats = unit(23, 8, 0)
-    scores, idx = cosine_topk(feats, feats, k=5, exclude_self=True, chunk_size=4)
-    expected = naive_topk(feats.numpy(), feats.numpy(), 5, np.eye(23, dtype=bool))
-    assert np.array_equal(idx.numpy(), expected)
-    assert not (idx == torch.arange(23)[:, None]).any()
-    assert torch.allclose(scores, (feats[:, None, :] * feats[idx]).sum(-1), atol=1e-6)
-
-
-def test_cosine_topk_excludes_equal_ids_across_different_sets():
-    gallery = unit(12, 8, 0)
-    query, q_ids, g_ids = gallery[[3, 7]], ["d.png", "h.png"], [f"{ch}.png" for ch in "abcdefghijkl"]
-    _, idx = cosine_topk(query, gallery, k=11, query_ids=q_ids, gallery_ids=g_ids, chunk_size=1)
-    assert 3 not in idx[0].tolist() and 7 not in idx[1].tolist() and idx.shape == (2, 11)
-    _, plain = cosine_topk(query, gallery, k=1)
-    assert plain[:, 0].tolist() == [3, 7]  # without ids the query finds itself
-
-
-def test_ties_are_broken_by_lower_gallery_index_and_scored_accordingly():
-    q = torch.tensor([[1.0, 0.0]])
-    gallery = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])  # 1 and 3 tie
-    _, idx = cosine_topk(q, gallery, k=4)
-    assert idx[0].tolist() == [1, 3, 2, 0]
-    assert recall_at_k(idx, [3], 1) == 0.0 and recall_at_k(idx, [3], 2) == 1.0
-    assert mean_reciprocal_rank(idx, [3]) == 0.5
-
-
-def test_recall_and_mrr_hand_worked_with_several_relevant_items():
-    ranked = np.array([[4, 2, 9], [1, 0, 3], [5, 6, 7]])
-    relevant = [{2, 9}, 1, {8}]  # first hit at rank 2, rank 1, none
-    assert recall_at_k(ranked, relevant, 1) == pytest.approx(1 / 3)
-    assert recall_at_k(ranked, relevant, 3) == pytest.approx(2 / 3)
-    assert mean_reciprocal_rank(ranked, relevant) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
-    assert retrieval_hits(ranked, relevant).tolist()[0] == [False, True, True]
-
-
-def test_recall_and_mrr_equal_bruteforce_on_random_data():
-    rng = np.random.default_rng(0)
-    ranked = np.stack([rng.permutation(30)[:10] for _ in range(50)])
-    relevant = [set(rng.choice(30, size=rng.integers(1, 4), replace=False).tolist()) for _ in range(50)]
-    for k in (1, 5, 10):
-        brute = np.mean([any(g in rel for g in row[:k]) for row, rel in zip(ranked, relevant)])
-        assert recall_at_k(ranked, relevant, k) == pytest.approx(brute)
-    rr = []
-    for row, rel in zip(ranked, relevant):
-        ranks = [r + 1 for r, g in enumerate(row) if g in rel]
-        rr.append(1.0 / ranks[0] if ranks else 0.0)
-    assert mean_reciprocal_rank(ranked, relevant) == pytest.approx(np.mean(rr))
-
-
-def test_region_reranking_permutes_each_shortlist():
-    feats = unit(20, 8, 0)
-    scores, idx = cosine_topk(feats, feats, k=6, exclude_self=True)
-    probs = torch.softmax(torch.randn(20, 4, generator=torch.Generator().manual_seed(2)) * 3, dim=1)
-    s0, i0 = rerank_by_region(scores, idx, probs, probs, beta=0.0)
-    assert torch.equal(i0, idx) and torch.allclose(s0, scores)
-    s1, i1 = rerank_by_region(scores, idx, probs, probs, beta=5.0)
-    assert torch.equal(i1.sort(dim=1).values, idx.sort(dim=1).values)
-    assert (s1[:, :-1] >= s1[:, 1:]).all()
-    hard = torch.eye(4)[probs.argmax(1)]  # one-hot regions: a boost of 5 > any cosine gap of 2
-    _, i2 = rerank_by_region(scores, idx, hard, hard, beta=5.0)
-    agree = (hard[:, None, :] * hard[i2]).sum(-1)  # (Q, K) 1 = same region
-    assert (agree[:, :-1] >= agree[:, 1:]).all()
-
-
-def test_choose_rerank_beta_uses_only_the_pairs_it_is_given():
-    # 4 queries, shortlist of 2: the partner is ranked 2nd; region agreement points at it in "val"
-    # data and away from it in "other" data, so the two choices must differ.
-    scores = torch.tensor([[0.9, 0.8]] * 4)
-    idx = torch.tensor([[1, 2], [0, 3], [3, 0], [2, 1]])
-    q_probs = torch.eye(2)[[0, 1, 0, 1]]  # one-hot coarse regions of the queries
-    g_val = torch.eye(2)[[0, 1, 0, 1]]  # ... and of the gallery: each partner shares its query's region
-    relevant = [2, 3, 0, 1]
-    before = (scores.clone(), idx.clone())
-    beta, table = choose_rerank_beta(scores, idx, q_probs, g_val, relevant, betas=(0.0, 0.05, 0.2, 1.0))
-    assert beta == 0.2 and table.loc[table.beta == 0.2, "R@1"].item() == 1.0
-    assert table.loc[table.beta == 0.0, "R@1"].item() == 0.0
-    assert torch.equal(scores, before[0]) and torch.equal(idx, before[1])
-    other_beta, _ = choose_rerank_beta(scores, idx, q_probs, torch.eye(2)[[1, 0, 1, 0]], relevant)
-    assert other_beta == 0.0  # agreement points away from the partners: no re-ranking
-
-
-def test_alpha_query_expansion_is_identity_at_n0_and_pulls_towards_neighbours():
-    feats = unit(10, 8, 0)
-    scores, idx = cosine_topk(feats, feats, k=3, exclude_self=True)
-    assert torch.allclose(alpha_query_expansion(feats, feats, scores, idx, n=0), feats, atol=1e-6)
-    expanded = alpha_query_expansion(feats, feats, scores, idx, n=2, alpha=1.0)
-    assert torch.allclose(expanded.norm(dim=1), torch.ones(10), atol=1e-6)
-    first = feats[idx[:, 0]]
-    assert ((expanded * first).sum(1) >= (feats * first).sum(1) - 1e-6).all()
-    _, again = cosine_topk(expanded, feats, k=3, exclude_self=True)
-    assert not (again == torch.arange(10)[:, None]).any()
-
-
-def test_choose_query_expansion_picks_n_on_the_given_pairs():
-    # two tight clusters of 4 views; a query's partner is a far view of its own cluster, so expanding
-    # with the nearest same-cluster views pulls the query towards it
-    g = torch.Generator().manual_seed(0)
-    centres = unit(2, 16, 1)
-    feats = F.normalize(centres[torch.arange(8) // 4] + 0.6 * torch.randn(8, 16, generator=g), dim=-1)
-    scores, idx = cosine_topk(feats, feats, k=7, exclude_self=True)
-    relevant = [int(row[2]) for row in idx]  # the 3rd neighbour counts as the partner
-    n, table = choose_query_expansion(feats, feats, relevant, ns=(0, 1, 2), alpha=1.0, k=7, exclude_self=True)
-    assert table.n.tolist() == [0, 1, 2] and table.loc[table.n == 0, "R@1"].item() == 0.0
-    best = table.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
-    assert n == best.n and table.loc[table.n == n, "MRR"].item() >= table.loc[table.n == 0, "MRR"].item()
-
-
-# ----------------------------------------------------------------------------------- Track 3
-
-
-def test_description_queries_split_dedupe_and_collect_images():
-    descriptions = [
-        "The tympanic membrane is intact\r\nno discharge",
-        "no discharge.\n",
-        "",
-        "A spur on the septum\r\n  the tympanic membrane is intact ",
-    ]
-    queries, relevant = description_queries(descriptions)
-    assert queries == ["The tympanic membrane is intact", "no discharge", "A spur on the septum"]
-    assert relevant == [{0, 3}, {0, 1}, {3}]
-    assert split_finding_lines("a\r\n\r\nb\rc\n") == ["a", "b", "c"]
-
-
-def test_text_to_image_ranks_the_gallery_by_text_cosine(tiny):
+def test_fit_prototype_classifier_chooses_on_validation_and_predicts_probabilities(tiny):
     model, _, tokenizer = tiny
-    gallery = unit(9, 32, 0)
-    scores, idx = text_to_image(model, tokenizer, ["ear", "a spur on the septum"], gallery, CPU, k=4, amp_dtype=None)
-    text = embed_texts(model, tokenizer, ["ear", "a spur on the septum"], CPU, amp_dtype=None)
-    assert idx.shape == (2, 4)
-    assert np.array_equal(idx.numpy(), naive_topk(text.numpy(), gallery.numpy(), 4, None))
+    g = torch.Generator().manual_seed(0)
+    centers = unit(3, 32, 11)
+    y = torch.arange(60) % 3
+    feats = F.normalize(centers[y] + 0.1 * torch.randn(60, 32, generator=g), dim=1)
+    names, texts = ["a", "b", "c"], {"a": ["ear"], "b": ["nose"], "c": ["throat"]}
+    clf = fit_prototype_classifier(model, tokenizer, CPU, feats[:40], y[:40].tolist(), feats[40:], y[40:].tolist(),
+                                   names, texts)
+    probs = clf.predict_proba(feats[40:])
+    assert probs.shape == (20, 3) and torch.allclose(probs.sum(1), torch.ones(20), atol=1e-5)
+    assert (probs.argmax(1) == y[40:]).float().mean() > 0.9
+    table = clf.table
+    assert clf.weight > 0.0  # random text alone loses
+    assert table.loc[table.weight == 0.0, "macro_f1"].max() < table.macro_f1.max()
+    assert clf.weight == table.loc[table.macro_f1.idxmax(), "weight"]  # first best in grid order
+    at_w = table[table.weight == clf.weight]
+    assert clf.temperature == at_w.loc[at_w.log_loss.idxmin(), "temperature"]
+    assert not clf.with_descriptions and clf.class_names == ("a", "b", "c")  # none given: none used
+    img = image_prototypes(feats[:40], y[:40], 3)
+    txt = text_prototypes(model, tokenizer, class_prompts(names, texts), CPU, names)
+    assert torch.allclose(clf.protos, joint_prototypes(img, txt, clf.weight), atol=1e-5)
+
+
+class TableText(nn.Module):
+    """A stand-in CLIP text tower with known embeddings: each text in `table` has its vector, any other
+    text `default`. `tokenize` is its tokenizer and records every text it is given."""
+
+    def __init__(self, table: dict[str, torch.Tensor], default: torch.Tensor):
+        super().__init__()
+        self.texts, self.seen = list(table), []
+        self.register_buffer("rows", torch.stack([default, *table.values()]))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        self.seen += texts
+        return torch.tensor([[self.texts.index(t) + 1 if t in self.texts else 0] for t in texts])
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.rows[tokens[:, 0]]
+
+
+@pytest.mark.parametrize("case", ["help", "hurt", "tie"])
+def test_fit_prototype_classifier_tries_descriptions_and_keeps_them_only_when_they_help(case):
+    e = torch.eye(8)  # e0..e2: the classes' directions, e6: every training image, e7: uninformative text
+    names = ["a", "b", "c"]
+    y = torch.arange(30) % 3
+    val = F.normalize(e[y] + 0.05 * torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    train_feats = e[6].expand(9, 8)  # image prototypes all alike: the text side decides
+    labels = ["a", "b", "c"] * 3
+    lines = {c: [f"finding of {c} {i}" for i in range(2 if case == "help" else 8)] for c in names}
+    if case == "help":  # the class wordings say nothing, the findings name the class
+        texts = {c: ["tissue"] for c in names}
+        table = {line: e[names.index(c)] for c in names for line in lines[c]}
+    else:  # the class wordings name the class; the findings point at the next class, or agree (a tie)
+        texts = {c: [f"wording {c}"] for c in names}
+        table = {p: e[names.index(c)] for c, ps in class_prompts(names, texts).items() for p in ps}
+        shift = 1 if case == "hurt" else 0
+        table |= {line: e[(names.index(c) + shift) % 3] for c in names for line in lines[c]}
+    model = TableText(table, default=e[7])
+    descriptions = ["\n".join(lines[c]) for c in labels]
+    clf = fit_prototype_classifier(model, model.tokenize, CPU, train_feats, y[:9].tolist(), val, y.tolist(), names,
+                                   texts, train_labels=labels, train_descriptions=descriptions)
+    assert {line for c in names for line in lines[c]} <= set(model.seen)  # the findings were tried
+    assert clf.with_descriptions is (case == "help")  # kept only when strictly better on validation
+    assert clf.table.macro_f1.max() == 1.0 and clf.weight == 0.0
+    assert (clf.predict_proba(val).argmax(1) == y).all()
+
+
+def test_feature_table_looks_up_rows_by_path():
+    feats = torch.arange(12.0).reshape(4, 3)
+    table = FeatureTable(["a.png", "b.png", "c.png", "d.png"], feats)
+    assert table[["c.png", "a.png"]].tolist() == [[6, 7, 8], [0, 1, 2]]
+    assert torch.equal(table[[Path("d.png")]], feats[[3]])
+    assert table[[]].shape == (0, 3)
+    with pytest.raises(KeyError):
+        table[["e.png"]]
 
 
 # ----------------------------------------------------------------------------------- plots
 
 
-def test_retrieval_gallery_frames_hits_green_and_misses_red(image_paths):
-    hits = np.array([[True, False, False], [False, False, True]])
-    fig = plot_retrieval_gallery(image_paths[:2], [image_paths[2:5], image_paths[3:6]], hits, k=3)
-    assert isinstance(fig, Figure) and len(fig.axes) == 8
-    colour = lambda ax: matplotlib.colors.to_hex(ax.spines["top"].get_edgecolor())  # noqa: E731
-    assert colour(fig.axes[1]) == matplotlib.colors.to_hex("tab:green")
-    assert colour(fig.axes[2]) == matplotlib.colors.to_hex("tab:red")
-    assert colour(fig.axes[7]) == matplotlib.colors.to_hex("tab:green")
-
-
-@pytest.mark.parametrize("method", ["pca", "tsne"])
-def test_embedding_projection_draws_every_class_and_prototype(method):
+def test_embedding_projection_draws_every_class_and_prototype():
     feats, labels = unit(30, 8, 0), np.arange(30) % 3
     protos = image_prototypes(feats, labels, 3)
-    fig = plot_embedding_projection(feats, labels, ["ear", "nose", "vc"], protos, ["P-ear", "P-nose", "P-vc"], method)
+    fig = plot_embedding_projection(feats, labels, ["ear", "nose", "vc"], protos)
     ax = fig.axes[0]
-    assert isinstance(fig, Figure) and len(ax.collections) == 6
-    assert [t.get_text() for t in ax.texts] == ["P-ear", "P-nose", "P-vc"]
-
-
-# ----------------------------------------------------------------------------------- offline local-dir
-
-
-def write_biomedclip_shaped_folder(root: Path, text_dir_in_config: str | None) -> tuple[Path, torch.nn.Module]:
-    """A tiny checkpoint folder shaped like the BiomedCLIP hub repo: open_clip_config.json (timm ViT +
-    HF BERT text tower, BiomedCLIP's pooler/projection) + open_clip_pytorch_model.bin; the BERT
-    config.json + vocab.txt in a sub-folder named after the hub repo, or at `text_dir_in_config`."""
-    import open_clip
-    from transformers import BertConfig
-
-    hub_id = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-    text_dir = Path(text_dir_in_config) if text_dir_in_config else root / "BiomedNLP-BiomedBERT-base-uncased-abstract"
-    root.mkdir(parents=True, exist_ok=True)
-    text_dir.mkdir(parents=True)
-    words = "an endoscopic image of the ear nose throat vocal cords left right open closed a spur septum".split()
-    (text_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=64).save_pretrained(text_dir)
-    model_cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
-                       "timm_proj": "linear", "image_size": 64},
-        "text_cfg": {"hf_model_name": text_dir_in_config or hub_id, "hf_tokenizer_name": text_dir_in_config or hub_id,
-                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32},
-    }
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                                         "std": [0.26862954, 0.26130258, 0.27577711]}}
-    (root / "open_clip_config.json").write_text(json.dumps(config))
-    build_cfg = json.loads(json.dumps(model_cfg))
-    build_cfg["text_cfg"].update(hf_model_name=str(text_dir), hf_model_pretrained=False)
-    torch.manual_seed(0)
-    model = open_clip.CustomTextCLIP(**build_cfg).eval()
-    torch.save(model.state_dict(), root / "open_clip_pytorch_model.bin")
-    return root, model
-
-
-OFFLINE_SCRIPT = textwrap.dedent("""
-    import json, socket, sys
-    def no_network(*args, **kwargs):
-        raise OSError("network disabled by the test")
-    socket.socket.connect = no_network
-    socket.create_connection = no_network
-    socket.getaddrinfo = no_network
-    import torch
-    from test_clip import probe_embeddings
-    from utils import embed_images, embed_texts, load_clip
-    out = {}
-    for folder in sys.argv[3:]:
-        model, preprocess, tokenizer = load_clip("local-dir:" + folder, "cpu", cache_dir=sys.argv[1])
-        img = embed_images(model, preprocess, [sys.argv[2]], "cpu", num_workers=0, amp_dtype=None, progress=False)
-        txt = embed_texts(model, tokenizer, ["an endoscopic image of the left ear", "a spur"], "cpu", amp_dtype=None)
-        out[folder] = {"img": img.tolist(), "txt": txt.tolist(), "tokenizer": type(tokenizer).__name__,
-                       "probe": [t.tolist() for t in probe_embeddings(model)]}
-    print("RESULT" + json.dumps(out))
-""")
-
-
-def probe_embeddings(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and text embeddings of fixed inputs (no preprocessing or tokenizer involved)."""
-    pixels = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
-    tokens = torch.tensor([[2, 5, 6, 7, 8, 9, 3] + [0] * 25])
-    with torch.no_grad():
-        return model.encode_image(pixels), model.encode_text(tokens)
-
-
-def test_biomedclip_shaped_local_dir_loads_and_embeds_fully_offline(tmp_path, image_paths):
-    """HF_HUB_OFFLINE + TRANSFORMERS_OFFLINE and no sockets, in a fresh interpreter: the text tower
-    found in a sub-folder named after its hub repo, or at an absolute hf_model_name path."""
-    sub_folder, model = write_biomedclip_shaped_folder(tmp_path / "biomedclip", None)
-    abs_path, _ = write_biomedclip_shaped_folder(tmp_path / "biomedclip2", str(tmp_path / "bert_elsewhere"))
-    listing = sorted(tmp_path.rglob("*"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    cache = tmp_path / "cache"
-    proc = subprocess.run(
-        [sys.executable, "-c", OFFLINE_SCRIPT, str(cache), str(image_paths[0]), str(sub_folder), str(abs_path)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert [p for p in sorted(tmp_path.rglob("*")) if cache not in p.parents and p != cache] == listing  # untouched
-    for folder in (sub_folder, abs_path):
-        got = result[str(folder)]
-        img, txt = torch.tensor(got["img"]), torch.tensor(got["txt"])
-        assert img.shape == (1, 16) and txt.shape == (2, 16) and got["tokenizer"] == "HFTokenizer"
-        assert torch.allclose(txt.norm(dim=1), torch.ones(2), atol=1e-5)
-        assert not torch.allclose(txt[0], txt[1], atol=1e-3)  # the tokenizer tells the texts apart
-    saved_img, saved_txt = probe_embeddings(model)  # the weights loaded are the ones saved
-    assert torch.allclose(torch.tensor(result[str(sub_folder)]["probe"][0]), saved_img, atol=1e-5)
-    assert torch.allclose(torch.tensor(result[str(sub_folder)]["probe"][1]), saved_txt, atol=1e-5)
-
-
-def test_local_dir_without_text_tower_files_says_what_to_put_where(tmp_path):
-    folder, _ = write_biomedclip_shaped_folder(tmp_path / "biomedclip", None)
-    for f in (folder / "BiomedNLP-BiomedBERT-base-uncased-abstract").iterdir():
-        f.unlink()
-    (folder / "BiomedNLP-BiomedBERT-base-uncased-abstract").rmdir()
-    with pytest.raises(FileNotFoundError, match=r"config\.json and vocab\.txt.*BiomedNLP-BiomedBERT"):
-        load_clip(f"local-dir:{folder}", CPU, cache_dir=tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
-        load_clip(f"local-dir:{tmp_path}", CPU)
-    with pytest.raises(ValueError, match="hf-hub:"):
-        load_clip("ViT-B-32", CPU)
-
-
-def test_fit_prototype_classifier_chooses_on_validation_and_predicts_probabilities():
-    model, _, tokenizer = load_clip("tiny", "cpu")
-    g = torch.Generator().manual_seed(0)
-    centers = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=1)
-    y = torch.arange(60) % 3
-    feats = torch.nn.functional.normalize(centers[y] + 0.3 * torch.randn(60, 32, generator=g), dim=1)
-    from utils import fit_prototype_classifier
-    clf = fit_prototype_classifier(model, tokenizer, "cpu", feats[:40], y[:40].tolist(), feats[40:], y[40:].tolist(),
-                                   ["a", "b", "c"], {"a": ["ear"], "b": ["nose"], "c": ["throat"]},
-                                   train_labels=["a", "b", "c"] * 13 + ["a"],
-                                   train_descriptions=["red ear", "", "tonsils"] * 13 + [""])
-    probs = clf.predict_proba(feats[40:])
-    assert probs.shape == (20, 3) and torch.allclose(probs.sum(1), torch.ones(20))
-    text_only = clf.table.loc[clf.table["weight"] == 0.0, "macro_f1"].max()
-    assert clf.weight > 0.0 and text_only < clf.table["macro_f1"].max()  # random text alone loses
-    assert (probs.argmax(1) == y[40:]).float().mean() > 0.9
-    assert set(clf.table.columns) >= {"weight", "temperature", "macro_f1"}
-
-
-def test_take_and_i2i_eval_set():
-    import pandas as pd
-    from utils import i2i_eval_set, take
-    feats = torch.arange(12.0).reshape(4, 3)
-    assert take(feats, {"a": 2, "b": 0}, ["b", "a"]).tolist() == [[0, 1, 2], [6, 7, 8]]
-    i2i = pd.DataFrame({"query_path": ["x", "y", "z"], "match_path": ["y", "x", "x"]})
-    gallery, queries, relevant = i2i_eval_set(i2i)
-    assert gallery == ["x", "y", "z"] and queries == [0, 1, 2] and relevant == [{1}, {0}, {0}]
-
-
-def test_evaluate_i2i_chooses_the_embedding_that_finds_partners_on_held_out_pairs():
-    from utils import evaluate_i2i
-    g = torch.Generator().manual_seed(0)
-    base = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1)
-    partners = base.repeat_interleave(2, 0)  # rows 2i and 2i+1 are near-duplicates
-    good = torch.nn.functional.normalize(partners + 0.05 * torch.randn(20, 16, generator=g), dim=1)
-    noise = torch.nn.functional.normalize(torch.randn(20, 16, generator=g), dim=1)
-    queries = list(range(20))
-    relevant = [{i ^ 1} for i in queries]
-    region = torch.full((20, 4), 0.25)
-    table, choice = evaluate_i2i({"noise": noise, "good": good}, region, queries, relevant, held_out=range(10), k=5)
-    assert choice["embedding"] == "good" and choice["ranked"].shape == (20, 5)
-    assert (choice["ranked"] != torch.arange(20)[:, None]).all()  # never the query itself
-    row = table[(table.embedding == "good") & (table.pairs == "all pairs") & (table.ranking == "plain")].iloc[0]
-    assert row["R@1"] == 1.0 and row["n"] == 20
+    assert isinstance(fig, Figure) and len(ax.collections) == 6  # three classes, three prototype stars
+    assert [t.get_text() for t in ax.texts] == ["ear", "nose", "vc"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ear (n=10)", "nose (n=10)", "vc (n=10)"]
+    bare = plot_embedding_projection(feats, labels, ["ear", "nose", "vc"]).axes[0]
+    assert len(bare.collections) == 3 and not bare.texts

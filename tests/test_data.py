@@ -1,17 +1,23 @@
-"""The data layer: every ENTRep layout, bad input accounted for, leakage, the split, demo data."""
+"""Setup and data: parameter checks, paths and weights, every ENTRep layout, bad input accounted for,
+test folders, leakage, the validation split, the retrieval gallery and the synthetic demo generator."""
 
 import hashlib
 import json
-import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
 from PIL import Image
 
+import demo_data
 import utils
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _png(path: Path, color=(200, 100, 90), size=(64, 48), mode="RGB") -> Path:
@@ -20,11 +26,17 @@ def _png(path: Path, color=(200, 100, 90), size=(64, 48), mode="RGB") -> Path:
     return path
 
 
-def _accounted(data: utils.EntrepData, n_referenced: int) -> None:
+def _sha1(path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def _accounted(data: utils.EntrepData, n_rows: int) -> None:
+    """Every referenced item has one inventory row, loaded (with an existing file) or skipped with a reason."""
     inv = data.inventory
-    assert len(inv) == n_referenced
+    assert len(inv) == n_rows
     assert set(inv["status"]) <= {"loaded", "skipped"}
     assert (inv.loc[inv.status == "skipped", "reason"] != "").all()
+    assert all(Path(p).is_file() for p in inv.loc[inv.status == "loaded", "path"])
 
 
 # ---- constants ------------------------------------------------------------------------------
@@ -37,6 +49,7 @@ def test_label_constants_match_the_official_ids():
         assert all(utils.LABEL_TO_COARSE[x] == region for x in pair)
     assert all(utils.FLIP_LABEL[utils.FLIP_LABEL[x]] == x for x in utils.LABELS)
     assert utils.FLIP_LABEL["ear-left"] == "ear-right" and utils.FLIP_LABEL["vc-open"] == "vc-open"
+    assert utils.NOTE_KINDS == {"name-case", "duplicate", "csv-header"}
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -47,23 +60,120 @@ def test_normalize_label_forgives_case_space_and_underscore(raw, expected):
     assert utils.normalize_label(raw) == expected
 
 
+# ---- setup: parameters, data path, weights --------------------------------------------------
+
+def _notebook_defaults() -> dict:
+    nb = json.loads((ROOT / "entrep-prototypical.ipynb").read_text(encoding="utf-8"))
+    cell, = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    params: dict = {}
+    exec("".join(cell["source"]), {}, params)
+    return params
+
+
+def test_check_params_accepts_the_notebook_defaults_and_the_demo_config():
+    defaults = _notebook_defaults()
+    assert {"image_size", "val_fraction", "split", "dino_weights", "device"} <= set(defaults)
+    utils.check_params(defaults)
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    utils.check_params({**defaults, **demo})
+
+
+def test_check_params_lists_every_bad_parameter_in_one_error(tmp_path):
+    bad = {"image_size": 100, "epochs": 0, "batch_size": 0, "val_fraction": 1.5, "split": "random",
+           "dino_heads": "three", "retrieval_gallery": "everything",
+           "clip_model": "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+           "dino_model": "vit_nonexistent_patch14_dinov2", "dino_weights": str(tmp_path / "missing.pth")}
+    if not torch.cuda.is_available():
+        bad["device"] = "cuda"
+    good = {"seed": 0, "lr_head": 1e-3, "lr_backbone": 2e-5, "num_workers": -1, "dino_gpus": 1}
+    with pytest.raises(ValueError) as err:
+        utils.check_params({**good, **bad})
+    lines = [line for line in str(err.value).splitlines() if line.startswith("- ")]
+    assert sorted(line[2:].split("=")[0] for line in lines) == sorted(bad)  # one line per bad one, no good one
+    by_name = {line[2:].split("=")[0]: line for line in lines}
+    assert "224 or 336" in by_name["image_size"]  # each line offers a value that works
+    assert "0.1" in by_name["val_fraction"] and "'grouped'" in by_name["split"]
+    assert "'shared'" in by_name["dino_heads"] and "'test_folders'" in by_name["retrieval_gallery"]
+    assert "hf-hub:" in by_name["clip_model"] and "vit_base_patch14_dinov2" in by_name["dino_model"]
+    assert "'auto'" in by_name["dino_weights"]
+    if "device" in bad:
+        assert "'cpu'" in by_name["device"]
+    with pytest.raises(ValueError, match=r"val_fraction=0\b"):
+        utils.check_params({"val_fraction": 0})
+
+
+def test_check_params_refuses_numbers_that_yaml_read_as_text():
+    """PyYAML reads `lr_head: 1e-3` (no dot) as the string '1e-3': caught here, not deep in training."""
+    params = yaml.safe_load("lr_head: 1e-3\nlr_backbone: 2e-5\nval_fraction: 1e-1\n")
+    assert params == {"lr_head": "1e-3", "lr_backbone": "2e-5", "val_fraction": "1e-1"}
+    with pytest.raises(ValueError) as err:
+        utils.check_params(params)
+    assert {line[2:].split("=")[0] for line in str(err.value).splitlines() if line.startswith("- ")} == set(params)
+
+
+def test_resolve_data_path_finds_the_common_parent_of_the_annotations(tmp_path):
+    base = tmp_path / "input" / "entrep-2025" / "v1"
+    _png(base / "Dataset" / "train" / "imgs" / "a.png")
+    (base / "Dataset" / "train" / "cls.json").write_text("{}")
+    (base / "Track1_Public").mkdir(parents=True)
+    (base / "Track1_Public" / "cls.csv").write_text("a.png\n")
+    (tmp_path / "input" / "__MACOSX" / "x").mkdir(parents=True)  # junk is no annotation
+    (tmp_path / "input" / "__MACOSX" / "x" / "cls.json").write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    found = utils.resolve_data_path("auto", search_roots=[tmp_path / "absent", empty, tmp_path / "input"])
+    assert found == base
+    assert utils.resolve_data_path("~/data") == Path("~/data").expanduser()  # a given path is kept
+    with pytest.raises(FileNotFoundError, match="data_path") as err:
+        utils.resolve_data_path("auto", search_roots=[empty])
+    assert "demo" in str(err.value) and "cls.json" in str(err.value)
+
+
+def test_resolve_dino_weights_is_honest_about_what_is_loaded(tmp_path):
+    roots = [str(tmp_path)]
+    assert utils.resolve_dino_weights("/x/y.pth", "auto", roots) == ("/x/y.pth", "SurgeNet DINOv2 checkpoint /x/y.pth")
+    path, note = utils.resolve_dino_weights("", "auto", roots)
+    assert path == "" and "LVD-142M" in note and "no SurgeNet" in note
+    path, note = utils.resolve_dino_weights("random", "auto", roots)
+    assert path == "random" and "random initialisation" in note and "not the method" in note
+    with pytest.warns(UserWarning, match="found no"):  # nothing attached: timm's weights, said out loud
+        path, note = utils.resolve_dino_weights("auto", "auto", roots)
+    assert path == "" and "LVD-142M" in note
+    w = tmp_path / "weights"
+    w.mkdir()
+    for name in ("DINOv2_ViTs14_size336_SurgeNetXL.pth", "DINOv2_ViTb14_size336_SurgeNetXL.pth",
+                 "SurgeNet_ResNet50.pth", "DINOv2_ViTl14_SurgeNetXL.pt"):  # not DINOv2 / not .pth: ignored
+        (w / name).write_bytes(b"")
+    path, note = utils.resolve_dino_weights("auto", "auto", roots)
+    assert path == str(w / "DINOv2_ViTb14_size336_SurgeNetXL.pth") and path in note  # ViT-B first
+    assert utils.resolve_dino_weights("auto", "vit_small_patch14_dinov2", roots)[0] == str(
+        w / "DINOv2_ViTs14_size336_SurgeNetXL.pth")  # a named model's size
+    assert utils.resolve_dino_weights("auto", "vit_base_patch14_reg4_dinov2", roots)[0] == str(
+        w / "DINOv2_ViTb14_size336_SurgeNetXL.pth")
+    path, note = utils.resolve_dino_weights("auto", "tiny", roots)  # the tiny model is random, whatever is attached
+    assert path == "" and "tiny random" in note and "is not used" in note and "SurgeNetXL.pth" in note
+    assert "timm" not in note and "LVD" not in note
+
+
 # ---- layouts --------------------------------------------------------------------------------
 
 def test_train_release_layout(tmp_path):
     root = tmp_path / "Dataset" / "train"
-    a, b, c = (_png(root / "imgs" / f"{n}.png", (40 * i, 90, 90)) for i, n in enumerate("abc"))
+    a, *_ = (_png(root / "imgs" / f"{n}.png", (40 * i, 90, 90)) for i, n in enumerate("abc"))
     (root / "cls.json").write_text(json.dumps({"a.png": "ear-left", "b.png": "nose-right"}))
     (root / "i2i.json").write_text(json.dumps({"a.png": "c.png", "c.png": "a.png"}))
     (root / "t2i.json").write_text(json.dumps({"the tympanic membrane is intact": "a.png"}))
     _png(tmp_path / "__MACOSX" / "train" / "imgs" / "._a.png")  # Mac zip junk is never data
+    (tmp_path / "__MACOSX" / "train" / "._cls.json").write_text("junk")
     data = utils.load_entrep(tmp_path)
     assert sorted(data.images["file"]) == ["a.png", "b.png"]
     row = data.images.set_index("file").loc["a.png"]
     assert (row.label, row.label_id, row.coarse, row.release) == ("ear-left", 3, "ear", "train")
-    assert Path(row.path) == a and row.width == 64 and row.height == 48
+    assert Path(row.path) == a and row.width == 64 and row.height == 48 and row.sha1 == _sha1(a)
     assert data.i2i[["query", "match"]].values.tolist() == [["a.png", "c.png"], ["c.png", "a.png"]]
     assert data.t2i[["text", "file"]].values.tolist() == [["the tympanic membrane is intact", "a.png"]]
-    assert data.problems.empty
+    assert data.problems.empty and data.problem_lines() == []
+    assert all("__MACOSX" not in p for p in data.inventory["path"])
     _accounted(data, 2 + 4 + 1)
 
 
@@ -86,26 +196,47 @@ def test_public_release_layout_with_case_defect(tmp_path):
     assert first.type == "abnormal" and first.release == "public"
     assert data.problems["kind"].tolist() == ["name-case"]
     assert "case-insensitively" in data.problems["message"][0]
+    line, = data.problem_lines()
+    assert line.startswith("note [name-case] x1")  # handled, not lost
+    _accounted(data, 2)
 
 
 def test_test_lists_with_images_elsewhere(tmp_path):
-    _png(tmp_path / "PublicData" / "PublicTest" / "x.png")
-    _png(tmp_path / "PublicData" / "PublicTest" / "y.png", (1, 2, 3))
+    test_dir = tmp_path / "PublicData" / "PublicTest"
+    x, y, z = _png(test_dir / "x.png"), _png(test_dir / "y.png", (1, 2, 3)), _png(test_dir / "z.png", (4, 5, 6))
     (tmp_path / "Track1_Public").mkdir()
-    (tmp_path / "Track1_Public" / "cls.csv").write_text("x.png\ny.png\n")
+    (tmp_path / "Track1_Public" / "cls.csv").write_text("x.png\n  y.png  \n")  # a padded name
     (tmp_path / "Track2_Public").mkdir()
     (tmp_path / "Track2_Public" / "i2i.csv").write_bytes("\ufeffx.png\r\ny.png\r\n".encode("utf-8"))  # BOM + CRLF
     (tmp_path / "Track3_Public").mkdir()
     (tmp_path / "Track3_Public" / "t2i.csv").write_text(
-        'a spur on the septum\n"polyp, left side"\n"he said ""open"""\nthe glottis, closed\nviêm họng\n"two\nlines"\n',
-        encoding="utf-8")
+        'a spur on the septum\n"polyp, left side"\n"he said ""open"""\nthe glottis, closed\nviêm họng\n"two\nlines"\n'
+        "  padded  text \n", encoding="utf-8")
     data = utils.load_entrep(tmp_path)
     assert data.queries["cls"]["file"].tolist() == ["x.png", "y.png"]
+    assert data.queries["cls"]["path"].tolist() == [str(x), str(y)]
+    assert data.queries["cls"]["sha1"].tolist() == [_sha1(x), _sha1(y)]
     assert data.queries["i2i"]["file"].tolist() == ["x.png", "y.png"]
-    assert all(Path(p).exists() for p in data.queries["cls"]["path"])
+    assert set(data.queries["cls"]["source"]) == {"Track1_Public"}
     assert data.queries["t2i"]["text"].tolist() == [
-        "a spur on the septum", "polyp, left side", 'he said "open"', "the glottis, closed", "viêm họng", "two\nlines"]
+        "a spur on the septum", "polyp, left side", 'he said "open"', "the glottis, closed", "viêm họng", "two\nlines",
+        "  padded  text "]
     assert data.images.empty and data.problems.empty
+    assert data.folder_images["path"].tolist() == [str(x), str(y), str(z)]  # z.png: in the folder, unlisted
+    roles = data.inventory.groupby("role").size().to_dict()
+    assert roles == {"cls-query": 2, "i2i-query": 2, "test-folder": 1}
+    _accounted(data, 5)
+
+
+def test_missing_test_list_image_keeps_its_row_with_an_empty_path(tmp_path):
+    _png(tmp_path / "PublicTest" / "x.png")
+    (tmp_path / "cls.csv").write_text("x.png\ngone.png\n")
+    data = utils.load_entrep(tmp_path)
+    assert data.queries["cls"][["file", "path", "sha1"]].values.tolist() == [
+        ["x.png", str(tmp_path / "PublicTest" / "x.png"), _sha1(tmp_path / "PublicTest" / "x.png")],
+        ["gone.png", "", ""]]
+    assert data.problems["kind"].tolist() == ["missing-file"] and "gone.png" in data.problems["message"][0]
+    assert data.inventory.set_index("item").loc["gone.png", ["status", "reason"]].tolist() == ["skipped", "missing"]
 
 
 def test_csv_header_and_empty_list_are_reported(tmp_path):
@@ -117,6 +248,21 @@ def test_csv_header_and_empty_list_are_reported(tmp_path):
     assert set(data.problems["kind"]) == {"csv-header", "empty-list"}
 
 
+def test_read_query_csv_strips_names_keeps_texts_and_detects_headers(tmp_path):
+    cls = tmp_path / "cls.csv"
+    cls.write_bytes('\ufeffImage\r\n  x.png \r\n"y.png"\r\n\r\n\tz.png\r\n'.encode("utf-8"))
+    assert utils.read_query_csv(cls) == (["x.png", "y.png", "z.png"], True)
+    t2i = tmp_path / "t2i.csv"
+    t2i.write_bytes('\ufeff  padded text  \r\n"polyp, left side"\r\npolyp, unquoted\r\n"he said ""open"""\r\n'
+                    '"two\r\nlines"\r\n   \r\n'.encode("utf-8"))
+    assert utils.read_query_csv(t2i) == (
+        ["  padded text  ", "polyp, left side", "polyp, unquoted", 'he said "open"', "two\r\nlines"], False)
+    t2i.write_text("text\na caption\n")
+    assert utils.read_query_csv(t2i) == (["a caption"], True)
+    t2i.write_text("texture of the mucosa\n")  # a caption that starts like a header word is a query
+    assert utils.read_query_csv(t2i) == (["texture of the mucosa"], False)
+
+
 def test_class_folder_tree(tmp_path):
     for i, (split, label) in enumerate([(s, lab) for s in ("train", "val") for lab in ("Ear_Left", "nose-right")]):
         _png(tmp_path / split / label / f"{split}-{label}.png", (40 * i, 9, 9))  # distinct bytes, no duplicates
@@ -124,23 +270,46 @@ def test_class_folder_tree(tmp_path):
     data = utils.load_entrep(tmp_path)
     assert sorted(data.images["label"]) == ["ear-left", "ear-left", "nose-right", "nose-right"]
     assert set(data.images["source"]) == {"train", "val"} and set(data.images["release"]) == {"folders"}
+    assert {layout.split(":")[0] for layout in data.layouts} == {"class folder"}
+    _accounted(data, 4)
 
 
-def test_all_layouts_together_on_the_demo(demo_root, demo_data):
-    kinds = {layout.split(":")[0] for layout in demo_data.layouts}
+def test_all_layouts_together_on_the_demo(demo_root, demo_data_set):
+    data = demo_data_set
+    kinds = {layout.split(":")[0] for layout in data.layouts}
     assert kinds == {"train release", "public release", "test list"}
-    assert set(demo_data.images["release"]) == {"train", "public"}
-    assert set(demo_data.images["label"]) == set(utils.LABELS)
+    assert set(data.images["release"]) == {"train", "public"}
+    assert set(data.images["label"]) == set(utils.LABELS)
     cls = json.loads((demo_root / "train" / "cls.json").read_text())
+    i2i = json.loads((demo_root / "train" / "i2i.json").read_text())
+    t2i = json.loads((demo_root / "train" / "t2i.json").read_text())
     records = json.loads((demo_root / "public" / "data.json").read_text())
-    assert len(demo_data.images) == len(cls) + len(records)  # demo has no duplicate labelled records
-    assert len(demo_data.i2i) > 0 and len(demo_data.t2i) > 0
-    assert {k: len(v) > 0 for k, v in demo_data.queries.items()} == {"cls": True, "i2i": True, "t2i": True}
+    lists = {k: (demo_root / f"Track{t}_Public" / f"{k}.csv").read_text().split() for t, k in ((1, "cls"), (2, "i2i"))}
+    assert len(data.images) == len(cls) + len(records)  # demo has no duplicate labelled records
+    assert len(data.i2i) == len(i2i) - 1 and len(data.t2i) == len(t2i)  # one i2i query is missing
+    assert {k: len(v) for k, v in data.queries.items() if k != "t2i"} == {k: len(v) for k, v in lists.items()}
+    assert len(data.queries["t2i"]) > 0
     # the demo's planted problems: one case defect, one missing i2i query; and two leaked test images
-    assert sorted(demo_data.problems["kind"]) == ["missing-file", "name-case"]
-    assert len(utils.find_leakage(demo_data)) == 2
-    summary = demo_data.summary()
-    assert summary.loc["total", "total"] == len(demo_data.images)
+    assert sorted(data.problems["kind"]) == ["missing-file", "name-case"]
+    assert [line.split(" x")[0] for line in data.problem_lines()] == ["note [name-case]", "PROBLEM [missing-file]"]
+    summary = data.summary()
+    assert summary.loc["total", "total"] == len(data.images)
+    # every reference accounted for, plus each unreferenced image of the test folder
+    n_refs = len(cls) + len(records) + 2 * len(i2i) + len(t2i) + len(lists["cls"]) + len(lists["i2i"])
+    test_dir = demo_root / "PublicData" / "PublicTest"
+    referenced = set(data.inventory.loc[data.inventory.role != "test-folder", "path"])
+    unreferenced = {str(p) for p in test_dir.glob("*.png")} - referenced
+    _accounted(data, n_refs + len(unreferenced))
+    assert set(data.inventory.loc[data.inventory.role == "test-folder", "path"]) == unreferenced
+    assert data.inventory.query("status == 'skipped'")["item"].tolist() == ["missing-0000.png"]
+
+
+def test_data_sha1_maps_every_readable_image_to_its_content(demo_data_set):
+    data = demo_data_set
+    loaded = set(data.inventory.loc[data.inventory.status == "loaded", "path"])
+    assert set(data.sha1) == loaded
+    assert all(_sha1(p) == s for p, s in data.sha1.items())
+    assert (data.images["sha1"] == data.images["path"].map(data.sha1)).all()
 
 
 def test_no_data_gives_a_clear_error(tmp_path):
@@ -150,10 +319,44 @@ def test_no_data_gives_a_clear_error(tmp_path):
         utils.load_entrep(tmp_path / "nope")
 
 
+# ---- FileIndex: which file a name means -----------------------------------------------------
+
+def test_exact_case_match_wins_over_a_nearer_case_insensitive_one(tmp_path):
+    ann = tmp_path / "ann"
+    near = _png(ann / "imgs" / "scan_image01.png", (1, 1, 1))  # nearer, but another case
+    exact = _png(tmp_path / "other" / "deep" / "scan_Image01.png", (2, 2, 2))
+    index = utils.FileIndex.build(tmp_path)
+    assert index.resolve("scan_Image01.png", ann) == (exact, "")
+    assert index.resolve("scan_IMAGE01.png", ann) == (near, "case")  # no exact one: the nearest, noted
+    assert index.resolve("absent.png", ann) == (None, "missing")
+    (ann / "cls.json").write_text(json.dumps({"scan_Image01.png": "throat"}))
+    data = utils.load_entrep(tmp_path)
+    assert data.images["path"].tolist() == [str(exact)] and data.problems.empty
+
+
+def test_among_files_of_one_name_the_nearest_to_the_annotation_wins(tmp_path):
+    far = _png(tmp_path / "a" / "imgs" / "img.png", (1, 1, 1))  # shallower and first in walk order
+    near = _png(tmp_path / "z" / "imgs" / "sub" / "img.png", (2, 2, 2))
+    index = utils.FileIndex.build(tmp_path)
+    assert index.resolve("img.png", tmp_path / "z" / "ann") == (near, "")
+    assert index.resolve("img.png", tmp_path / "a") == (far, "")
+    assert index.resolve("imgs\\sub\\img.png", tmp_path / "z" / "ann") == (near, "")  # a relative name: its file name
+    # equally near: the shallowest, whatever the walk order
+    deep = _png(tmp_path / "y" / "a" / "deep" / "two.png", (3, 3, 3))
+    shallow = _png(tmp_path / "y" / "b" / "two.png", (4, 4, 4))
+    index = utils.FileIndex.build(tmp_path)
+    assert index.by_lower_name["two.png"] == [deep, shallow]
+    assert index.resolve("two.png", tmp_path / "y" / "ann") == (shallow, "")
+    (tmp_path / "z" / "ann").mkdir()
+    (tmp_path / "z" / "ann" / "cls.json").write_text(json.dumps({"img.png": "ear-left"}))
+    assert utils.load_entrep(tmp_path).images["path"].tolist() == [str(near)]
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 def _bad_input_set(root: Path) -> dict:
     imgs = root / "train" / "imgs"
+    imgs.mkdir(parents=True)
     labels = {}
     for i, mode in enumerate(["L", "LA", "P", "RGBA", "I;16", "RGB"]):
         name = f"mode_{mode.replace(';', '')}.png"
@@ -180,9 +383,8 @@ def _bad_input_set(root: Path) -> dict:
 
 
 def test_bad_input_is_reported_and_every_file_accounted(tmp_path):
-    imgs = tmp_path / "train" / "imgs"
-    imgs.mkdir(parents=True)
     labels = _bad_input_set(tmp_path)
+    imgs = tmp_path / "train" / "imgs"
     data = utils.load_entrep(tmp_path)
     _accounted(data, len(labels))
     skipped = data.inventory.set_index("item").query("status == 'skipped'")["reason"].to_dict()
@@ -194,28 +396,126 @@ def test_bad_input_is_reported_and_every_file_accounted(tmp_path):
     assert "nose-middle" in by_item.loc["unknown.png", "message"]
     assert "absent.png" in by_item.loc["absent.png", "message"] and "Add the file" in by_item.loc["absent.png", "message"]
     loaded = data.images.set_index("file")
-    assert loaded.loc["mode_RGB.png", "label"] == "vc-closed"
+    assert sorted(loaded.index) == sorted(set(labels) - set(skipped))
+    assert loaded.loc["mode_RGB.png", "label"] == "vc-closed"  # odd case and spaces forgiven
     assert (loaded.loc["rotated.jpg", "width"], loaded.loc["rotated.jpg", "height"]) == (48, 64)
     for name in loaded.index:
-        im = utils.load_rgb(loaded.loc[name, "path"])
-        assert im.mode == "RGB"
+        assert utils.load_rgb(loaded.loc[name, "path"]).mode == "RGB"
+    assert set(data.sha1) == {str(imgs / n) for n in loaded.index}  # no entry for an undecodable file
     with pytest.raises(ValueError, match="nose-middle"):
         utils.load_entrep(tmp_path, strict_labels=True)
 
 
+def _rgb(im: Image.Image) -> np.ndarray:
+    return np.asarray(im, dtype=np.int64)
+
+
 def test_load_rgb_modes_are_converted_faithfully(tmp_path):
-    Image.new("LA", (4, 4), (200, 0)).save(tmp_path / "transparent.png")
-    assert utils.load_rgb(tmp_path / "transparent.png").getpixel((0, 0)) == (0, 0, 0)  # alpha onto black
+    src = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    alpha = np.random.default_rng(1).integers(0, 256, (6, 8), dtype=np.uint8)
+    cases = {}
+    Image.fromarray(src, "RGB").save(tmp_path / "rgb.png")
+    cases["rgb.png"] = src
+    Image.fromarray(src[..., 0], "L").save(tmp_path / "gray.png")
+    cases["gray.png"] = np.repeat(src[..., :1], 3, axis=2)
+    Image.fromarray(np.dstack([src, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    cases["rgba.png"] = np.round(src * (alpha[..., None] / 255.0))  # composited on black
+    Image.fromarray(np.dstack([src[..., 0], alpha]), "LA").save(tmp_path / "la.png")
+    cases["la.png"] = np.repeat(np.round(src[..., :1] * (alpha[..., None] / 255.0)), 3, axis=2)
+    Image.fromarray(src[..., 0].astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # 16-bit: v * 257
+    cases["gray16.png"] = np.repeat(src[..., :1], 3, axis=2)
+    pal = Image.fromarray(src, "RGB").quantize(16)
+    pal.save(tmp_path / "palette.png")
+    cases["palette.png"] = np.asarray(pal.convert("RGB"))
+    pal.save(tmp_path / "palette_t.png", transparency=0)  # palette entry 0 transparent -> black
+    cases["palette_t.png"] = np.where((np.asarray(pal) == 0)[..., None], 0, np.asarray(pal.convert("RGB")))
+    Image.fromarray(src[..., 0] > 127).save(tmp_path / "bilevel.png")
+    cases["bilevel.png"] = np.repeat((src[..., :1] > 127) * 255, 3, axis=2)
+    cmyk = Image.fromarray(src, "RGB").convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.tif")
+    cases["cmyk.tif"] = np.asarray(cmyk.convert("RGB"))
+    for name, expected in cases.items():
+        got = utils.load_rgb(tmp_path / name)
+        assert got.mode == "RGB" and got.size == (8, 6), name
+        assert np.abs(_rgb(got) - expected).max() <= 1, name  # alpha compositing may round either way
     Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / "white16.png")
     assert utils.load_rgb(tmp_path / "white16.png").getpixel((0, 0)) == (255, 255, 255)
-    Image.new("L", (4, 4), 77).save(tmp_path / "gray.png")
-    assert utils.load_rgb(tmp_path / "gray.png").getpixel((1, 1)) == (77, 77, 77)
     with pytest.raises(utils.ImageDecodeError, match="cannot decode"):
         (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
         utils.load_rgb(tmp_path / "bad.png")
+    with pytest.raises(FileNotFoundError):
+        utils.load_rgb(tmp_path / "absent.png")
 
 
-# ---- leakage and the split ------------------------------------------------------------------
+# ---- test folders, duplicates, problem lines -------------------------------------------------
+
+def _test_folder_layout(root: Path) -> dict[str, Path]:
+    test_dir = root / "PublicData" / "PublicTest"
+    f = {n: _png(test_dir / f"{n}.png", c) for n, c in (("x", (1, 2, 3)), ("y", (4, 5, 6)), ("u", (7, 8, 9)))}
+    f["copy"] = test_dir / "0copy.png"  # unlisted byte copy of x; sorts before it
+    f["copy"].write_bytes(f["x"].read_bytes())
+    f["broken"] = test_dir / "broken.png"
+    f["broken"].write_text("not an image")
+    f["a"] = _png(root / "train" / "imgs" / "a.png", (9, 9, 9))
+    (root / "train" / "cls.json").write_text(json.dumps({"a.png": "throat"}))
+    for track, kind, name in ((1, "cls", "x.png"), (2, "i2i", "y.png")):
+        (root / f"Track{track}_Public").mkdir()
+        (root / f"Track{track}_Public" / f"{kind}.csv").write_text(name + "\n")
+    return f
+
+
+def test_every_image_in_a_test_folder_is_found_listed_or_not(tmp_path):
+    f = _test_folder_layout(tmp_path)
+    data = utils.load_entrep(tmp_path)
+    assert sorted(data.folder_images["file"]) == ["0copy.png", "u.png", "x.png", "y.png"]
+    assert set(data.folder_images["folder"]) == {str(f["x"].parent)}
+    assert (data.folder_images["sha1"] == data.folder_images["path"].map(_sha1)).all()
+    inv = data.inventory.set_index("item")
+    assert inv.loc[["0copy.png", "u.png", "broken.png"], "role"].tolist() == ["test-folder"] * 3
+    assert inv.loc["broken.png", ["status", "reason"]].tolist() == ["skipped", "undecodable"]
+    assert data.problems.set_index("item").loc["broken.png", "kind"] == "undecodable"
+    _accounted(data, 3 + 3)  # a, x, y referenced; 0copy, u, broken in the test folder
+    readable = [f[k] for k in ("x", "y", "u", "copy", "a")]
+    assert data.sha1 == {str(p): _sha1(p) for p in readable}
+
+
+def test_retrieval_gallery_modes(tmp_path):
+    _test_folder_layout(tmp_path)
+    data = utils.load_entrep(tmp_path)
+
+    def gallery(mode):
+        g = utils.retrieval_gallery(data, data.queries, mode)
+        assert list(g.columns) == ["file", "path", "sha1", "listed"] and g["sha1"].is_unique
+        return dict(zip(g["file"], g["listed"]))
+
+    # 0copy.png has x.png's bytes: kept once, as the listed file; broken.png is unreadable
+    assert gallery("test_folders") == {"x.png": True, "y.png": True, "u.png": False}
+    assert gallery("lists") == {"x.png": True, "y.png": True}
+    assert gallery("all") == {"x.png": True, "y.png": True, "u.png": False, "a.png": False}
+    with pytest.raises(ValueError, match="retrieval_gallery"):
+        utils.retrieval_gallery(data, data.queries, "everything")
+
+
+def test_retrieval_gallery_on_the_demo_holds_the_unlisted_test_images(demo_root, demo_data_set):
+    data = demo_data_set
+    on_disk = {str(p) for p in (demo_root / "PublicData" / "PublicTest").glob("*.png")}
+    listed = {p for k in ("cls", "i2i") for p in data.queries[k]["path"] if p}
+    assert listed < on_disk
+    g = utils.retrieval_gallery(data, data.queries, "test_folders")
+    assert set(g["path"]) == on_disk and len(g) == len(on_disk)
+    assert (g["listed"] == g["path"].isin(listed)).all()
+    # unlisted: the partners of 4 Track 2 queries, 6 further views, and the train i2i target kept there
+    assert (~g["listed"]).sum() == 4 + 6 + 1
+    lists = utils.retrieval_gallery(data, data.queries, "lists")
+    assert set(lists["path"]) == listed and lists["listed"].all()
+    everything = utils.retrieval_gallery(data, data.queries, "all")
+    annotated = [*data.images["path"], *data.i2i["query_path"], *data.i2i["match_path"], *data.t2i["path"]]
+    assert set(everything["sha1"]) == set(g["sha1"]) | {data.sha1[p] for p in annotated}
+    assert everything["sha1"].is_unique
+    leaked = set(utils.find_leakage(data)["file"])
+    kept = everything[everything["file"].isin(leaked)]
+    assert len(kept) == 2 and kept["listed"].all()  # the test copy is kept, its train twin dropped
+
 
 def test_duplicates_across_releases_are_reported_and_kept_once(tmp_path):
     a = _png(tmp_path / "train" / "imgs" / "a.png", (1, 2, 3))
@@ -223,117 +523,60 @@ def test_duplicates_across_releases_are_reported_and_kept_once(tmp_path):
     pub = tmp_path / "public"
     (pub / "images").mkdir(parents=True)
     shutil.copy(a, pub / "images" / "12345678_123456789012345678_001_image01.png")
-    (pub / "data.json").write_text(json.dumps([{"Path": "12345678_123456789012345678_001_image01.png",
-                                               "Classification": "ear-right", "Type": "", "Description": "",
-                                               "DescriptionEN": ""}]))
+    record = {"Path": "12345678_123456789012345678_001_image01.png", "Classification": "ear-right", "Type": "",
+              "Description": "", "DescriptionEN": ""}
+    (pub / "data.json").write_text(json.dumps([record]))
     data = utils.load_entrep(tmp_path)
     assert len(data.images) == 1  # one record per content: the first found is kept
     assert data.problems["kind"].tolist() == ["label-conflict"]
-    assert "same bytes" in data.problems["message"][0]
+    message = data.problems["message"][0]
+    assert "same bytes" in message and "'ear-left'" in message and "'ear-right'" in message
+    assert data.problem_lines()[0].startswith("PROBLEM [label-conflict] x1")
+    (pub / "data.json").write_text(json.dumps([{**record, "Classification": "ear-left"}]))
+    data = utils.load_entrep(tmp_path)
+    assert len(data.images) == 1 and data.problems["kind"].tolist() == ["duplicate"]
+    assert data.problem_lines()[0].startswith("note [duplicate] x1")
 
 
-def test_split_is_stratified_grouped_and_seeded(demo_data):
-    images, i2i = demo_data.images, demo_data.i2i
-    tr, va = utils.split_train_val(images, i2i, val_fraction=0.2, seed=7)
-    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(images)
-    # stratified: every class present in training, validation share per class near 20%
-    val_share = images.iloc[va]["label"].value_counts() / images["label"].value_counts()
-    assert set(images.iloc[tr]["label"]) == set(utils.LABELS)
-    assert val_share.fillna(0).between(0.0, 0.5).all() and 0.1 < len(va) / len(images) < 0.3
-    # grouped: identical bytes, i2i pairs and examinations never cross
-    groups = utils.split_groups(images, i2i)
-    assert not set(groups[tr]) & set(groups[va])
-    side = dict(zip(images["file"], ["train"] * len(images)))
-    side.update({images.iloc[i]["file"]: "val" for i in va})
-    for q, m in zip(i2i["query"], i2i["match"]):
-        if q in side and m in side:
-            assert side[q] == side[m]
-    tr2, va2 = utils.split_train_val(images, i2i, val_fraction=0.2, seed=7)
-    assert np.array_equal(va, va2)
-    _, va3 = utils.split_train_val(images, i2i, val_fraction=0.2, seed=8)
-    assert not np.array_equal(va, va3)
+def test_problem_lines_one_per_kind_with_count_and_level(tmp_path):
+    pub = tmp_path / "public"
+    records = []
+    for k in (1, 2):
+        _png(pub / "images" / f"12345678_123456789012345678_00{k}_Image01.png", (k, 0, 0))
+        records.append({"Path": f"12345678_123456789012345678_00{k}_image01.png", "Classification": "throat"})
+    (pub / "data.json").write_text(json.dumps(records))
+    imgs = tmp_path / "train" / "imgs"
+    a = _png(imgs / "a.png", (5, 5, 5))
+    shutil.copy(a, imgs / "b.png")
+    (imgs / "e.png").write_bytes(b"")
+    _png(imgs / "f.png", (6, 6, 6))
+    (tmp_path / "train" / "cls.json").write_text(json.dumps(
+        {"a.png": "ear-left", "b.png": "ear-left", "c.png": "throat", "d.png": "throat", "e.png": "throat",
+         "f.png": "nose-middle"}))
+    _png(tmp_path / "PublicTest" / "t.png", (7, 7, 7))
+    (tmp_path / "cls.csv").write_text("image\nt.png\n")
+    data = utils.load_entrep(tmp_path)
+    counts = {"name-case": 2, "duplicate": 1, "missing-file": 2, "undecodable": 1, "unknown-label": 1, "csv-header": 1}
+    assert data.problems["kind"].value_counts().to_dict() == counts
+    lines = data.problem_lines()
+    assert len(lines) == len(counts)
+    for kind, n in counts.items():
+        line, = [x for x in lines if f"[{kind}]" in x]
+        level = "note" if kind in utils.NOTE_KINDS else "PROBLEM"
+        assert line.startswith(f"{level} [{kind}] x{n}: ")
 
 
-def test_split_groups_link_same_bytes_pairs_and_exams():
-    images = pd.DataFrame({"file": ["a.png", "b.png", "c.png", "12345678_123456789012345678_001_image01.png",
-                                    "12345678_123456789012345678_001_image02.png", "d.png"],
-                           "sha1": ["1", "1", "2", "3", "4", "5"]})
-    i2i = pd.DataFrame({"query": ["c.png"], "match": ["d.png"]})
-    g = utils.split_groups(images, i2i)
-    assert g[0] == g[1] and g[2] == g[5] and g[3] == g[4] and len(set(g)) == 3
+# ---- leakage and test sets ------------------------------------------------------------------
 
-
-# ---- demo data ------------------------------------------------------------------------------
-
-def _tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_demo_is_deterministic_by_seed(tmp_path):
-    kw = dict(n_train=16, n_public=6, n_test=4, n_i2i_pairs=4, n_t2i=4)
-    a = _tree_digest(utils.make_demo_dataset(tmp_path / "a", seed=1, workers=2, **kw))
-    b = _tree_digest(utils.make_demo_dataset(tmp_path / "b", seed=1, workers=1, **kw))
-    c = _tree_digest(utils.make_demo_dataset(tmp_path / "c", seed=2, **kw))
-    assert a == b
-    assert a != c
-    assert "README_SYNTHETIC.txt" in a
-
-
-def test_demo_left_is_the_mirror_of_right_and_state_changes_the_gap():
-    rng = np.random.default_rng(0)
-    for region, (left, right) in (("ear", ("ear-left", "ear-right")), ("nose", ("nose-left", "nose-right"))):
-        view = utils.demo_view(utils.demo_exam(region, rng), right, rng)
-        r = np.asarray(utils.render_demo_image(view))
-        l = np.asarray(utils.render_demo_image({**view, "label": left}))
-        assert np.array_equal(l, r[:, ::-1]) and not np.array_equal(l, r)
-        assert r.shape == (480, 640, 3) and r[0, 0].sum() == 0  # black corner outside the field of view
-    exam = utils.demo_exam("vc", rng)
-    open_view = utils.demo_view(exam, "vc-open", rng)
-    closed = np.asarray(utils.render_demo_image({**open_view, "gap": 0.0}), dtype=float)
-    opened = np.asarray(utils.render_demo_image(open_view), dtype=float)
-    assert opened.mean() < closed.mean()  # the open glottis is a dark gap
-
-
-def test_demo_data_shape(demo_root, demo_data):
-    assert (demo_root / "README_SYNTHETIC.txt").read_text().startswith("SYNTHETIC")
-    assert set(demo_data.images[["width", "height"]].itertuples(index=False, name=None)) == {(640, 480)}
-    # i2i partners share the region; some differ in side/state, as in the real pairs
-    lab = dict(zip(demo_data.images["file"], demo_data.images["label"]))
-    pairs = [(lab[q], lab[m]) for q, m in zip(demo_data.i2i["query"], demo_data.i2i["match"]) if q in lab and m in lab]
-    assert pairs and all(utils.LABEL_TO_COARSE[a] == utils.LABEL_TO_COARSE[b] for a, b in pairs)
-    assert all(t2i_file in set(demo_data.t2i["file"]) for t2i_file in demo_data.t2i["file"])
-
-
-def test_grouped_folds_keep_groups_together_and_cover_every_sample():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 60)
-    groups = np.repeat(np.arange(30), 2)
-    folds = utils.grouped_fold_ids(labels, groups, n_splits=5, seed=1)
-    assert set(folds) == set(range(5))
-    for g in range(30):
-        assert len(set(folds[groups == g])) == 1
-    assert np.array_equal(folds, utils.grouped_fold_ids(labels, groups, n_splits=5, seed=1))
-
-
-def test_resolve_dino_weights(tmp_path):
-    assert utils.resolve_dino_weights("", "vit_base_patch14_reg4_dinov2", [str(tmp_path)]) == ""
-    assert utils.resolve_dino_weights("/x/y.pth", "vit_base_patch14_reg4_dinov2", [str(tmp_path)]) == "/x/y.pth"
-    (tmp_path / "w").mkdir()
-    for name in ("DINOv2_ViTs14_size336_SurgeNetXL.pth", "DINOv2_ViTb14_size336_SurgeNetXL.pth"):
-        (tmp_path / "w" / name).write_bytes(b"")
-    got = utils.resolve_dino_weights("auto", "vit_base_patch14_reg4_dinov2", [str(tmp_path)])
-    assert got.endswith("DINOv2_ViTb14_size336_SurgeNetXL.pth")
-    with pytest.warns(UserWarning, match="found no"):
-        assert utils.resolve_dino_weights("auto", "vit_large_patch14_reg4_dinov2", [str(tmp_path)]) == ""
-
-
-def test_folds_on_tiny_data_cap_the_fold_count_instead_of_failing():
-    folds = utils.grouped_fold_ids([0, 1, 2, 2, 3], [0, 1, 2, 3, 4], n_splits=5, seed=0)  # largest class: 2
-    assert sorted(set(folds)) == [0, 1] and (folds >= 0).all()
-    folds = utils.grouped_fold_ids([0, 1, 2, 3], [0, 1, 2, 3], n_splits=5, seed=0)  # no class with two members
-    assert len(set(folds)) == 4
-    with pytest.raises(ValueError, match="add labelled images"):
-        utils.grouped_fold_ids([0, 1], [7, 7], n_splits=5, seed=0)
+def test_find_leakage_finds_the_demos_byte_copied_test_images(demo_data_set):
+    data = demo_data_set
+    leaks = utils.find_leakage(data)
+    assert len(leaks) == 2 and set(leaks["track"]) == {"cls"}
+    test_paths = data.queries["cls"].set_index("file")["path"]
+    train = data.images.set_index("file")
+    for row in leaks.itertuples():
+        assert _sha1(test_paths[row.file]) == _sha1(train.loc[row.labelled_file, "path"])
+        assert row.label == train.loc[row.labelled_file, "label"]
 
 
 def test_select_test_queries_never_merges_two_test_sets():
@@ -350,89 +593,186 @@ def test_select_test_queries_never_merges_two_test_sets():
     assert only["t2i"]["text"].tolist() == ["x"]
 
 
-# ---- decode checks kept for reruns ----------------------------------------------------------
+# ---- the split ------------------------------------------------------------------------------
+
+def _labelled_rows(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    """n synthetic labelled rows: examinations of 1-3 views (public-release names), imbalanced classes."""
+    rng = np.random.default_rng(seed)
+    p = np.array([demo_data.REAL_CLS_COUNTS[lab] for lab in utils.LABELS], dtype=float)
+    rows, exam = [], 0
+    while len(rows) < n:
+        exam += 1
+        label = int(rng.choice(7, p=p / p.sum()))
+        for v in range(int(rng.integers(1, 4))):
+            rows.append({"file": f"{10_000_000 + exam}_{exam:018d}_001_image{v + 1:02d}.png", "label_id": label,
+                         "sha1": f"{len(rows):040x}"})
+    return pd.DataFrame(rows[:n])
 
 
-def _three_images(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    for i, n in enumerate("abc"):
-        _png(root / "imgs" / f"{n}.png", (60 * i, 90, 90))
-    (root / "cls.json").write_text(json.dumps({"a.png": "ear-left", "b.png": "nose-right", "c.png": "throat"}))
-    return root
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.4, 0.5, 0.9])
+def test_grouped_split_honours_val_fraction(fraction):
+    images = _labelled_rows()
+    no_pairs = pd.DataFrame({"query": [], "match": []})
+    tr, va, how = utils.split_train_val(images, no_pairs, fraction, seed=0)
+    assert abs(len(va) / len(images) - fraction) <= 0.04, (len(va), how)
+    assert sorted([*tr, *va]) == list(range(len(images)))
+    assert "grouped" in how and re.search(r"\d+ of \d+ .*folds", how)
+    exams = images["file"].map(utils.exam_id)
+    assert not set(exams.iloc[tr]) & set(exams.iloc[va])  # one examination's views on one side
+    # stratified: each class's validation count within one examination (<= 3 views) of its share
+    counts = images["label_id"].value_counts()
+    val_counts = images.iloc[va]["label_id"].value_counts().reindex(counts.index, fill_value=0)
+    assert ((val_counts - fraction * counts).abs() <= 3).all(), (val_counts - fraction * counts).round(1).to_dict()
 
 
-def test_rerun_reuses_decode_checks(tmp_path, monkeypatch):
-    root, cache = _three_images(tmp_path), tmp_path / "cache"
-    first = utils.load_entrep(root, cache_dir=cache)
-    assert (cache / "image_checks.json").is_file()
-    utils._SHA1_BY_STAT.clear()  # as in a new process
-
-    def no_decoding(path, *a, **k):
-        raise AssertionError(f"decoded {path} again")
-
-    monkeypatch.setattr(utils, "load_rgb", no_decoding)
-    monkeypatch.setattr(utils, "file_digest", lambda *a, **k: pytest.fail("hashed a file again"))
-    again = utils.load_entrep(root, cache_dir=cache)
-    pd.testing.assert_frame_equal(first.images, again.images)
-    pd.testing.assert_frame_equal(first.inventory, again.inventory)
-
-
-def test_changed_file_is_checked_again(tmp_path):
-    root, cache = _three_images(tmp_path), tmp_path / "cache"
-    first = utils.load_entrep(root, cache_dir=cache).images.set_index("file")
-    b = root / "imgs" / "b.png"
-    b.write_bytes(b.read_bytes()[:40])  # truncated: another size, another modification time
-    data = utils.load_entrep(root, cache_dir=cache)
-    assert data.problems["kind"].tolist() == ["undecodable"] and "b.png" in data.problems["message"][0]
-    assert sorted(data.images["file"]) == ["a.png", "c.png"]
-    _png(root / "imgs" / "b.png", (1, 2, 3), size=(70, 50))
-    row = utils.load_entrep(root, cache_dir=cache).images.set_index("file").loc["b.png"]
-    assert (row.width, row.height) == (70, 50) and row.sha1 != first.loc["b.png", "sha1"]
-    assert row.sha1 == hashlib.sha1(b.read_bytes()).hexdigest()
-    assert len(utils.load_image_checks(cache / "image_checks.json")) == 3  # old entries of b.png dropped
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_stratified_split_is_the_papers_plain_split(fraction):
+    images = _labelled_rows()
+    no_pairs = pd.DataFrame({"query": [], "match": []})
+    tr, va, how = utils.split_train_val(images, no_pairs, fraction, seed=0, split="stratified")
+    n = len(images)
+    assert len(va) == round(fraction * n) and sorted([*tr, *va]) == list(range(n))
+    assert "stratified" in how
+    counts = images["label_id"].value_counts()
+    val_counts = images.iloc[va]["label_id"].value_counts().reindex(counts.index, fill_value=0)
+    assert ((val_counts - fraction * counts).abs() <= 1.5).all()  # train_test_split's stratification
+    exams = images["file"].map(utils.exam_id)
+    assert set(exams.iloc[tr]) & set(exams.iloc[va])  # the plain split may separate an examination's views
+    assert np.array_equal(va, utils.split_train_val(images, no_pairs, fraction, seed=0, split="stratified")[1])
+    assert not np.array_equal(va, utils.split_train_val(images, no_pairs, fraction, seed=1, split="stratified")[1])
 
 
-def test_damaged_check_cache_is_reported_and_rebuilt(tmp_path):
-    root, cache = _three_images(tmp_path), tmp_path / "cache"
-    first = utils.load_entrep(root, cache_dir=cache)
-    (cache / "image_checks.json").write_text('{"format": "entrep-image-checks-1", "files": [{"path"')
-    with pytest.warns(UserWarning, match="image_checks.json: unreadable image-check cache"):
-        again = utils.load_entrep(root, cache_dir=cache)
-    pd.testing.assert_frame_equal(first.images, again.images)
-    assert len(utils.load_image_checks(cache / "image_checks.json")) == 3
+def test_split_refuses_bad_fractions_and_explains_too_little_data():
+    images = _labelled_rows(20)
+    no_pairs = pd.DataFrame({"query": [], "match": []})
+    for bad in (0, 1, 0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="val_fraction"):
+            utils.split_train_val(images, no_pairs, bad, seed=0)
+    with pytest.raises(ValueError, match="split="):
+        utils.split_train_val(images, no_pairs, 0.2, seed=0, split="random")
+    for split in utils.SPLITS:
+        for few in (images.iloc[:0], images.iloc[:1]):
+            tr, va, how = utils.split_train_val(few, no_pairs, 0.2, seed=0, split=split)
+            assert len(tr) == len(va) == 0 and f"{len(few)} labelled" in how
+    one_exam = pd.DataFrame({"file": [f"12345678_123456789012345678_001_image0{k}.png" for k in range(1, 5)],
+                             "label_id": [0, 1, 0, 1], "sha1": list("abcd")})
+    tr, va, how = utils.split_train_val(one_exam, no_pairs, 0.5, seed=0)
+    assert len(tr) == len(va) == 0 and "one examination" in how
+    tr, va, how = utils.split_train_val(images.iloc[:3], no_pairs, 0.5, seed=0, split="stratified")
+    assert len(tr) + len(va) == 3 and len(tr) and len(va)  # too few to stratify: still a split, said so
 
 
-def test_replaced_file_with_kept_mtime_is_hashed_again(tmp_path):
-    """cp -p / rsync -a / unzip keep the mtime; the change time still says the file was replaced."""
-    root, cache = _three_images(tmp_path), tmp_path / "cache"
-    a = root / "imgs" / "a.png"
-    first = utils.load_entrep(root, cache_dir=cache).images.set_index("file").loc["a.png", "sha1"]
-    st = a.stat()
-    other = tmp_path / "other.png"
-    for red in range(1, 256):  # another picture whose PNG has the same size: only the times can tell
-        _png(other, (red, 90, 90))
-        if other.stat().st_size == st.st_size and other.read_bytes() != a.read_bytes():
-            break
-    assert other.stat().st_size == st.st_size
-    os.replace(other, a)
-    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
-    utils._SHA1_BY_STAT.clear()  # as in a new process
-    sha1 = utils.load_entrep(root, cache_dir=cache).images.set_index("file").loc["a.png", "sha1"]
-    assert sha1 != first and sha1 == hashlib.sha1(a.read_bytes()).hexdigest()
+def test_split_is_stratified_grouped_and_seeded_on_the_demo(demo_data_set):
+    images, i2i = demo_data_set.images, demo_data_set.i2i
+    tr, va, how = utils.split_train_val(images, i2i, val_fraction=0.2, seed=7)
+    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(images) and "grouped" in how
+    # stratified: every class present in training, validation share per class near 20%
+    val_share = images.iloc[va]["label"].value_counts() / images["label"].value_counts()
+    assert set(images.iloc[tr]["label"]) == set(utils.LABELS)
+    assert val_share.fillna(0).between(0.0, 0.5).all() and 0.1 < len(va) / len(images) < 0.3
+    # grouped: identical bytes, i2i pairs and examinations never cross
+    groups = utils.split_groups(images, i2i)
+    assert not set(groups[tr]) & set(groups[va])
+    side = dict(zip(images["file"], ["train"] * len(images)))
+    side.update({images.iloc[i]["file"]: "val" for i in va})
+    pairs = [(q, m) for q, m in zip(i2i["query"], i2i["match"]) if q in side and m in side]
+    assert pairs and all(side[q] == side[m] for q, m in pairs)
+    exams = images["file"].map(utils.exam_id)
+    assert not set(exams.iloc[tr]) & set(exams.iloc[va])
+    assert np.array_equal(va, utils.split_train_val(images, i2i, val_fraction=0.2, seed=7)[1])
+    assert not np.array_equal(va, utils.split_train_val(images, i2i, val_fraction=0.2, seed=8)[1])
 
 
-def test_decode_failures_are_not_remembered(tmp_path, monkeypatch):
-    """A failure may come from the environment (a missing codec, an older Pillow): it is tried again."""
-    root, cache = _three_images(tmp_path), tmp_path / "cache"
-    real = utils.load_rgb
+def test_split_groups_link_same_bytes_pairs_and_exams():
+    images = pd.DataFrame({"file": ["a.png", "b.png", "c.png", "12345678_123456789012345678_001_image01.png",
+                                    "12345678_123456789012345678_001_image02.png", "d.png"],
+                           "sha1": ["1", "1", "2", "3", "4", "5"]})
+    i2i = pd.DataFrame({"query": ["c.png"], "match": ["d.png"]})
+    g = utils.split_groups(images, i2i)
+    assert g[0] == g[1] and g[2] == g[5] and g[3] == g[4] and len(set(g)) == 3
+    assert utils.exam_id("12345678_123456789012345678_001_Image02.png") == "12345678_123456789012345678"
+    assert utils.exam_id("a.png") == "a.png"
 
-    def broken_for_b(path, *a, **k):
-        if Path(path).name == "b.png":
-            raise utils.ImageDecodeError(f"{path}: cannot decode (no codec)")
-        return real(path, *a, **k)
 
-    monkeypatch.setattr(utils, "load_rgb", broken_for_b)
-    assert utils.load_entrep(root, cache_dir=cache).problems["kind"].tolist() == ["undecodable"]
-    monkeypatch.setattr(utils, "load_rgb", real)
-    data = utils.load_entrep(root, cache_dir=cache)
-    assert sorted(data.images["file"]) == ["a.png", "b.png", "c.png"] and data.problems.empty
+def test_grouped_folds_keep_groups_together_and_cover_every_sample():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    groups = np.repeat(np.arange(30), 2)
+    folds = utils.grouped_fold_ids(labels, groups, n_splits=5, seed=1)
+    assert set(folds) == set(range(5))
+    for g in range(30):
+        assert len(set(folds[groups == g])) == 1
+    assert np.array_equal(folds, utils.grouped_fold_ids(labels, groups, n_splits=5, seed=1))
+
+
+def test_folds_on_tiny_data_cap_the_fold_count_instead_of_failing():
+    folds = utils.grouped_fold_ids([0, 1, 2, 2, 3], [0, 1, 2, 3, 4], n_splits=5, seed=0)  # largest class: 2
+    assert sorted(set(folds)) == [0, 1] and (folds >= 0).all()
+    folds = utils.grouped_fold_ids([0, 1, 2, 3], [0, 1, 2, 3], n_splits=5, seed=0)  # no class with two members
+    assert sorted(set(folds)) == [0, 1, 2, 3]
+    assert utils.grouped_fold_ids([0, 1], [7, 7], n_splits=5, seed=0).tolist() == [0, 0]  # a single group
+
+
+# ---- demo data ------------------------------------------------------------------------------
+
+def _tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): _sha1(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_demo_is_deterministic_by_seed_whatever_the_worker_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_data, "DEMO_SIZE", (160, 120))  # the same drawing code on smaller frames: fast
+    kw = dict(n_train=6, n_public=3, n_test=2, n_i2i_pairs=2, n_t2i=2, n_unlisted=1)
+    a = _tree_digest(demo_data.make_demo_dataset(tmp_path / "a", seed=1, workers=3, **kw))
+    b = _tree_digest(demo_data.make_demo_dataset(tmp_path / "b", seed=1, workers=1, **kw))
+    c = _tree_digest(demo_data.make_demo_dataset(tmp_path / "c", seed=2, workers=2, **kw))
+    assert a == b
+    assert a != c
+    assert "README_SYNTHETIC.txt" in a
+
+
+def test_demo_left_is_the_mirror_of_right_and_state_changes_the_gap():
+    rng = np.random.default_rng(0)
+    for region, (left, right) in (("ear", ("ear-left", "ear-right")), ("nose", ("nose-left", "nose-right"))):
+        view = demo_data.demo_view(demo_data.demo_exam(region, rng), right, rng)
+        r = np.asarray(demo_data.render_demo_image(view))
+        l = np.asarray(demo_data.render_demo_image({**view, "label": left}))
+        assert np.array_equal(l, r[:, ::-1]) and not np.array_equal(l, r)
+        assert r.shape == (480, 640, 3) and r[0, 0].sum() == 0  # black corner outside the field of view
+    exam = demo_data.demo_exam("vc", rng)
+    open_view = demo_data.demo_view(exam, "vc-open", rng)
+    closed = np.asarray(demo_data.render_demo_image({**open_view, "gap": 0.0}), dtype=float)
+    opened = np.asarray(demo_data.render_demo_image(open_view), dtype=float)
+    assert opened.mean() < closed.mean()  # the open glottis is a dark gap
+    assert demo_data.demo_view(exam, "vc-closed", rng)["gap"] < 0.2 < open_view["gap"]
+
+
+def test_demo_data_shape(demo_root, demo_data_set):
+    data = demo_data_set
+    assert (demo_root / "README_SYNTHETIC.txt").read_text().startswith("SYNTHETIC")
+    assert set(data.images[["width", "height"]].itertuples(index=False, name=None)) == {(640, 480)}
+    # i2i partners share the region; some differ in side/state, as in the real pairs
+    lab = dict(zip(data.images["file"], data.images["label"]))
+    pairs = [(lab[q], lab[m]) for q, m in zip(data.i2i["query"], data.i2i["match"]) if q in lab and m in lab]
+    assert pairs and all(utils.LABEL_TO_COARSE[a] == utils.LABEL_TO_COARSE[b] for a, b in pairs)
+    assert set(data.t2i["file"]) <= set(data.i2i["query"]) | set(data.i2i["match"])  # captions point at i2i images
+
+
+def test_ensure_demo_dataset_reuses_a_set_of_the_same_seed_and_version(tmp_path, monkeypatch):
+    made = []
+
+    def fake_make(root, seed, **kw):  # the real one is tested above; this one is instant
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"made-with-seed-{seed}").touch()
+        made.append(seed)
+        return root
+
+    monkeypatch.setattr(demo_data, "make_demo_dataset", fake_make)
+    root = tmp_path / "demo"
+    assert demo_data.ensure_demo_dataset(root, seed=1) == root and made == [1]
+    assert demo_data.ensure_demo_dataset(root, seed=1) == root and made == [1]  # reused
+    assert (root / "made-with-seed-1").exists()
+    demo_data.ensure_demo_dataset(root, seed=2)  # another seed: rebuilt from scratch
+    assert made == [1, 2] and not (root / "made-with-seed-1").exists() and (root / "made-with-seed-2").exists()
+    monkeypatch.setattr(demo_data, "DEMO_VERSION", demo_data.DEMO_VERSION + 1)
+    demo_data.ensure_demo_dataset(root, seed=2)  # a newer generator: rebuilt
+    assert made == [1, 2, 2]

@@ -3,149 +3,218 @@
 from __future__ import annotations
 
 import json
+import re
+import time
+import unicodedata
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
-from utils import COARSE_CLASSES, COARSE_TO_ID, LABEL_TO_ID, LABELS
 from utils import (
-    TRACK1_JSON,
-    TRACK2_JSON,
-    TRACK3_JSON,
-    batched_classification_scores,
+    COARSE_CLASSES,
+    COARSE_TO_ID,
+    FINE_TASKS,
+    LABEL_TO_COARSE,
+    LABEL_TO_ID,
+    LABELS,
+    SUBMISSIONS,
+    THRESHOLD_GRID,
+    WEIGHT_GRID,
+    batched_scores,
     best_grid_value,
     bootstrap_ci,
     branch_accuracy,
-    choose_threshold_cv,
-    choose_weight_cv,
+    check_submission,
+    choose_fusion,
     classification_table,
     coarse_of,
-    coarse_to_label7,
     comparison_table,
     hybrid_predict,
     plot_confusion,
-    plot_misclassified_grid,
+    plot_image_grid,
     plot_threshold_sweep,
-    read_submission_zip,
+    region_then_fine,
     soft_fusion_predict,
-    stratified_fold_ids,
     summary_metrics,
-    validate_track1,
-    validate_track2,
-    validate_track3,
-    write_submission_zip,
-    write_track1,
-    write_track2,
-    write_track3,
+    write_submission,
 )
 
 EAR, NOSE, VC, THROAT = (COARSE_TO_ID[c] for c in ("ear", "nose", "vc", "throat"))
+FINE = ("ear", "nose", "vc")
 
 
 def one_hot_probs(coarse_ids, confidence):
     """(N, 4) probabilities: `confidence` on the given region, the rest spread evenly."""
-    coarse_ids, confidence = np.asarray(coarse_ids), np.broadcast_to(np.asarray(confidence, float), (len(coarse_ids),))
+    coarse_ids = np.asarray(coarse_ids)
+    confidence = np.broadcast_to(np.asarray(confidence, float), (len(coarse_ids),))
     probs = np.repeat(((1 - confidence) / 3)[:, None], 4, axis=1)
     probs[np.arange(len(coarse_ids)), coarse_ids] = confidence
     return probs
 
 
+def dino(coarse_probs, ear, nose, vc):
+    """dino_probs as the notebook passes it: coarse (N, 4) and p(second label) per binary task."""
+    n = len(coarse_probs)
+    fine = {t: np.broadcast_to(np.asarray(p, float), (n,)).copy() for t, p in zip(FINE, (ear, nose, vc))}
+    return {"coarse": np.asarray(coarse_probs, float), **fine}
+
+
 def random_fusion_inputs(n, seed):
-    """Validation-like arrays where confident prototypes are right and DINOv2 is usually right."""
+    """Validation-like arrays where confident prototypes are right and DINOv2 is usually right:
+    (proto_coarse (N, 4), dino_probs, y_true (N,))."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 7, n)
     true_coarse = coarse_of(y)
     conf = rng.uniform(0.3, 1.0, n)
     proto_coarse = np.where(rng.uniform(size=n) < conf, true_coarse, rng.integers(0, 4, n))
     dino_coarse = np.where(rng.uniform(size=n) < 0.85, true_coarse, rng.integers(0, 4, n))
-    second = {"ear": LABEL_TO_ID["ear-right"], "nose": LABEL_TO_ID["nose-right"], "vc": LABEL_TO_ID["vc-closed"]}
-    fine = {region: np.where(y == sid, 0.8, 0.2) for region, sid in second.items()}
-    return one_hot_probs(proto_coarse, conf), one_hot_probs(dino_coarse, 0.7), fine, y
+    fine = {task: np.where(y == LABEL_TO_ID[second], 0.8, 0.2) for task, (_, second) in FINE_TASKS.items()}
+    return one_hot_probs(proto_coarse, conf), {"coarse": one_hot_probs(dino_coarse, 0.7), **fine}, y
+
+
+def copy_probs(dino_probs):
+    return {k: np.array(v, copy=True) for k, v in dino_probs.items()}
+
+
+def names(ids):
+    return [LABELS[i] for i in ids]
 
 
 # ---------------------------------------------------------------------------------------------
-# Hybrid rule
+# Second stage: region, then that region's binary decision
 # ---------------------------------------------------------------------------------------------
 
 
-def test_coarse_to_label7_uses_the_fine_decision_per_region_and_none_for_throat():
-    coarse = [EAR, EAR, NOSE, NOSE, VC, VC, THROAT, EAR]
-    p = np.array([0.9, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.5])  # last: exactly 0.5 -> first label
-    fine = {"ear": p, "nose": p, "vc": p}
-    got = [LABELS[i] for i in coarse_to_label7(coarse, fine)]
-    assert got == ["ear-right", "ear-left", "nose-right", "nose-left", "vc-closed", "vc-open", "throat", "ear-left"]
+def test_fine_tasks_pairs_are_the_documented_orientation():
+    # A binary head's output 1 (p > 0.5) is the pair's SECOND label: ear-right, nose-right, vc-closed.
+    assert FINE_TASKS == {"ear": ("ear-left", "ear-right"), "nose": ("nose-left", "nose-right"),
+                          "vc": ("vc-open", "vc-closed")}
+
+
+@pytest.mark.parametrize("region, second, first", [("ear", "ear-right", "ear-left"),
+                                                   ("nose", "nose-right", "nose-left"),
+                                                   ("vc", "vc-closed", "vc-open")])
+def test_region_then_fine_orientation_per_region(region, second, first):
+    coarse = [COARSE_TO_ID[region]] * 5
+    p_own = np.array([0.9, 0.1, 0.5, 0.5000001, 1.0])  # exactly 0.5 -> the first label
+    # the other regions' decisions say the opposite: they must be ignored
+    probs = {t: (p_own if t == region else 1.0 - p_own) for t in FINE}
+    assert names(region_then_fine(coarse, probs)) == [second, first, first, second, second]
+
+
+def test_region_then_fine_uses_the_own_regions_decision_and_none_for_throat():
+    coarse = [EAR, EAR, NOSE, NOSE, VC, VC, THROAT, THROAT, EAR]
+    p = np.array([0.9, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.1, 0.5])
+    got = names(region_then_fine(coarse, {"ear": p, "nose": p, "vc": p}))
+    assert got == ["ear-right", "ear-left", "nose-right", "nose-left", "vc-closed", "vc-open", "throat", "throat",
+                   "ear-left"]
+    # extra keys such as "coarse" are allowed (the notebook passes the whole dino_probs dict)
+    with_coarse = {"coarse": one_hot_probs(coarse, 0.9), "ear": p, "nose": p, "vc": p}
+    assert names(region_then_fine(coarse, with_coarse)) == got
+    assert region_then_fine([], {"ear": [], "nose": [], "vc": []}).shape == (0,)
+
+
+def test_region_then_fine_bad_inputs_say_what_to_pass():
+    p = [0.9, 0.9]
+    with pytest.raises(ValueError, match=r"'vc'.*p\(vc-closed\)"):
+        region_then_fine([EAR, NOSE], {"ear": p, "nose": p})
+    with pytest.raises(ValueError, match="one per image"):
+        region_then_fine([EAR, NOSE], {"ear": p, "nose": p, "vc": [0.9]})
+    for bad in ([EAR, 4], [EAR, -1]):
+        with pytest.raises(ValueError, match="COARSE_CLASSES"):
+            region_then_fine(bad, {"ear": p, "nose": p, "vc": p})
+
+
+# ---------------------------------------------------------------------------------------------
+# Hybrid rule and soft fusion
+# ---------------------------------------------------------------------------------------------
 
 
 def test_hybrid_uses_prototype_at_exactly_the_threshold_and_dinov2_just_below():
     proto = np.array([[0.6, 0.2, 0.1, 0.1], [0.5999, 0.2001, 0.1, 0.1]])  # both say ear
-    dino = one_hot_probs([NOSE, NOSE], 0.9)
-    fine = {"ear": [0.9, 0.9], "nose": [0.1, 0.1], "vc": [0.5, 0.5]}
-    labels, used_fallback = hybrid_predict(proto, dino, fine, threshold=0.6)
-    assert used_fallback.tolist() == [False, True]
-    assert [LABELS[i] for i in labels] == ["ear-right", "nose-left"]
+    probs = dino(one_hot_probs([NOSE, NOSE], 0.9), ear=0.9, nose=0.1, vc=0.5)
+    labels, fell_back = hybrid_predict(proto, probs, threshold=0.6)
+    assert fell_back.dtype == bool and fell_back.tolist() == [False, True]
+    assert names(labels) == ["ear-right", "nose-left"]
+
+
+def test_hybrid_threshold_zero_never_falls_back_and_above_one_always_does():
+    proto, probs, _ = random_fusion_inputs(50, seed=1)
+    all_dino, fell_all = hybrid_predict(proto, probs, threshold=1.01)
+    all_proto, fell_none = hybrid_predict(proto, probs, threshold=0.0)
+    assert fell_all.all() and not fell_none.any()
+    assert np.array_equal(all_dino, region_then_fine(probs["coarse"].argmax(1), probs))
+    assert np.array_equal(all_proto, region_then_fine(proto.argmax(1), probs))
+    assert not np.array_equal(all_dino, all_proto)  # the two branches really differ here
+    certain = one_hot_probs([VC], 1.0)  # confidence exactly 1.0 at threshold 1.0: the prototype
+    labels, fell = hybrid_predict(certain, dino(one_hot_probs([EAR], 0.9), 0.9, 0.9, 0.9), 1.0)
+    assert names(labels) == ["vc-closed"] and not fell.any()
+
+
+def test_hybrid_nan_confidence_falls_back_to_dinov2():
+    proto = np.array([[np.nan] * 4, [0.9, np.nan, 0.05, 0.05], [0.9, 0.05, 0.03, 0.02]])
+    probs = dino(one_hot_probs([NOSE, VC, NOSE], 0.8), ear=0.9, nose=0.9, vc=0.1)
+    for threshold in (0.0, 0.5):  # even threshold 0, which never falls back for a real confidence
+        labels, fell_back = hybrid_predict(proto, probs, threshold)
+        assert fell_back.tolist() == [True, True, False]
+        assert names(labels) == ["nose-right", "vc-open", "ear-right"]
 
 
 def test_hybrid_throat_ignores_fine_probabilities():
     proto = one_hot_probs([THROAT, THROAT], 0.95)
-    fine = {"ear": [0.99, 0.01], "nose": [0.99, 0.01], "vc": [0.99, 0.01]}
-    labels, used_fallback = hybrid_predict(proto, one_hot_probs([EAR, VC], 0.9), fine, threshold=0.5)
-    assert labels.tolist() == [LABEL_TO_ID["throat"]] * 2 and not used_fallback.any()
+    probs = dino(one_hot_probs([EAR, VC], 0.9), ear=[0.99, 0.01], nose=[0.99, 0.01], vc=[0.99, 0.01])
+    labels, fell_back = hybrid_predict(proto, probs, threshold=0.5)
+    assert labels.tolist() == [LABEL_TO_ID["throat"]] * 2 and not fell_back.any()
 
 
-def test_hybrid_threshold_above_one_always_falls_back_and_zero_never_does():
-    proto, dino, fine, _ = random_fusion_inputs(50, seed=1)
-    all_dino, fell_all = hybrid_predict(proto, dino, fine, threshold=1.01)
-    all_proto, fell_none = hybrid_predict(proto, dino, fine, threshold=0.0)
-    assert fell_all.all() and not fell_none.any()
-    assert np.array_equal(all_dino, coarse_to_label7(dino.argmax(1), fine))
-    assert np.array_equal(all_proto, coarse_to_label7(proto.argmax(1), fine))
+def test_hybrid_bad_inputs_say_what_to_pass():
+    proto = one_hot_probs([EAR], 0.9)
+    with pytest.raises(ValueError, match="'vc'"):
+        hybrid_predict(proto, {"coarse": proto, "ear": [0.9], "nose": [0.9]}, 0.5)
+    with pytest.raises(ValueError, match="COARSE_CLASSES"):
+        hybrid_predict(np.ones((1, 7)) / 7, dino(proto, 0.9, 0.9, 0.9), 0.5)
+    with pytest.raises(ValueError, match=r"dino_probs\['coarse'\].*COARSE_CLASSES"):
+        hybrid_predict(one_hot_probs([EAR, EAR], 0.9), dino(proto, 0.9, 0.9, 0.9), 0.5)  # 2 rows vs 1
 
 
 def test_soft_fusion_extremes_equal_single_models_and_middle_averages():
-    proto, dino, fine, _ = random_fusion_inputs(40, seed=2)
-    assert np.array_equal(soft_fusion_predict(proto, dino, fine, 1.0), hybrid_predict(proto, dino, fine, 0.0)[0])
-    assert np.array_equal(soft_fusion_predict(proto, dino, fine, 0.0), hybrid_predict(proto, dino, fine, 2.0)[0])
+    proto, probs, _ = random_fusion_inputs(40, seed=2)
+    assert np.array_equal(soft_fusion_predict(proto, probs, 1.0), region_then_fine(proto.argmax(1), probs))
+    assert np.array_equal(soft_fusion_predict(proto, probs, 0.0), region_then_fine(probs["coarse"].argmax(1), probs))
+    assert np.array_equal(soft_fusion_predict(proto, probs, 1.0), hybrid_predict(proto, probs, 0.0)[0])
+    assert np.array_equal(soft_fusion_predict(proto, probs, 0.0), hybrid_predict(proto, probs, 2.0)[0])
     p = np.array([[0.5, 0.4, 0.05, 0.05]])  # ear by a little
-    d = np.array([[0.1, 0.8, 0.05, 0.05]])  # nose by a lot -> the average says nose
-    f = {"ear": [0.9], "nose": [0.9], "vc": [0.9]}
-    assert LABELS[soft_fusion_predict(p, d, f, 0.5)[0]] == "nose-right"
-    with pytest.raises(ValueError, match="weight"):
-        soft_fusion_predict(p, d, f, 1.5)
-
-
-def test_bad_inputs_raise_errors_that_say_what_to_pass():
-    proto = one_hot_probs([EAR], 0.9)
-    with pytest.raises(ValueError, match="'vc'"):
-        hybrid_predict(proto, proto, {"ear": [0.9], "nose": [0.9]}, 0.5)
-    with pytest.raises(ValueError, match="COARSE_CLASSES"):
-        hybrid_predict(np.ones((1, 7)) / 7, proto, {"ear": [0.9], "nose": [0.9], "vc": [0.9]}, 0.5)
+    d = dino(np.array([[0.1, 0.8, 0.05, 0.05]]), 0.9, 0.9, 0.9)  # nose by a lot -> the average says nose
+    assert names(soft_fusion_predict(p, d, 0.5)) == ["nose-right"]
+    assert names(soft_fusion_predict(p, d, 0.9)) == ["ear-right"]  # 0.46 ear vs 0.44 nose
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="weight"):
+            soft_fusion_predict(p, d, bad)
 
 
 # ---------------------------------------------------------------------------------------------
-# Choosing on validation
+# Choosing on validation (cross-fitted)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_threshold_choice_finds_the_separating_plateau_and_takes_its_middle():
-    # Prototypes are right when conf >= 0.7 and wrong when <= 0.5; DINOv2 is the reverse, so every
-    # threshold in (0.5, 0.7] is perfect: grid {0.55, 0.6, 0.65, 0.7} -> tie rule picks 0.65.
+def plateau_inputs():
+    """Prototypes right when conf >= 0.7 and wrong when <= 0.5; DINOv2 the reverse. Every threshold in
+    (max wrong conf, min right conf] is perfect. fold_of = index % 4."""
     y_coarse = np.array([EAR, NOSE, VC, THROAT] * 10)
     conf = np.tile([0.9, 0.8, 0.7, 0.75, 0.4, 0.5, 0.45, 0.3], 5)
     proto_right = conf >= 0.7
     wrong = (y_coarse + 1) % 4
     proto = one_hot_probs(np.where(proto_right, y_coarse, wrong), conf)
-    dino = one_hot_probs(np.where(proto_right, wrong, y_coarse), 0.8)
-    y = coarse_to_label7(y_coarse, {r: np.full(40, 0.9) for r in ("ear", "nose", "vc")})
-    fine = {r: np.full(40, 0.9) for r in ("ear", "nose", "vc")}
-    choice = choose_threshold_cv(proto, dino, fine, y, grid=np.round(np.arange(0, 1.0001, 0.05), 2), n_splits=4)
-    assert choice.chosen == pytest.approx(0.65)
-    assert all(0.5 < v <= 0.7 for v in choice.fold_values)
-    assert np.array_equal(choice.oof_pred, y)  # perfect out of fold too
-    perfect = choice.sweep[choice.sweep["macro_f1"] == 1.0]["threshold"]
-    assert perfect.tolist() == pytest.approx([0.55, 0.6, 0.65, 0.7])
+    probs = dino(one_hot_probs(np.where(proto_right, wrong, y_coarse), 0.8), 0.9, 0.9, 0.9)
+    return proto, probs, region_then_fine(y_coarse, probs), np.arange(40) % 4
 
 
 def test_best_grid_value_tie_rule():
@@ -153,59 +222,100 @@ def test_best_grid_value_tie_rule():
     assert best_grid_value(grid, [0.5, 0.9, 0.9, 0.9, 0.2], [0.5] * 5) == 0.3  # middle of 3
     assert best_grid_value(grid, [0.9, 0.9, 0.9, 0.9, 0.2], [0.5] * 5) == 0.3  # upper middle of 4
     assert best_grid_value(grid, [0.9, 0.9, 0.9, 0.9, 0.2], [0.5, 0.6, 0.5, 0.5, 0.5]) == 0.2  # accuracy breaks it
+    assert best_grid_value(grid[::-1], [0.2, 0.9, 0.9, 0.9, 0.9], [0.5] * 5) == 0.3  # grid order does not matter
+    assert best_grid_value(grid, [0.9, 0.9 + 1e-15, 0.9, 0.1, 0.1], [0.5] * 5) == 0.2  # rounding noise is a tie
 
 
-def test_chosen_threshold_depends_only_on_validation_data():
-    val = random_fusion_inputs(120, seed=3)
-    val_copies = [np.copy(a) if not isinstance(a, dict) else {k: v.copy() for k, v in a.items()} for a in val]
-    first = choose_threshold_cv(*val, seed=0)
+def test_threshold_choice_finds_the_separating_plateau_and_takes_its_middle():
+    proto, probs, y, fold_of = plateau_inputs()
+    choice = choose_fusion("hybrid", proto, probs, y, fold_of)
+    # all data: wrong confs <= 0.5, right >= 0.7 -> perfect on 0.51..0.70 (20 values): upper middle 0.61
+    assert choice.param == "threshold" and choice.chosen == pytest.approx(0.61)
+    perfect = choice.sweep[choice.sweep["macro_f1"] == 1.0]["threshold"]
+    assert perfect.tolist() == pytest.approx([round(0.51 + 0.01 * i, 2) for i in range(20)])
+    # without fold 1 (confs 0.8, 0.5): plateau 0.46..0.70 -> 0.58; without fold 2 (0.7, 0.45): 0.51..0.75 -> 0.63
+    assert choice.fold_values == pytest.approx((0.61, 0.58, 0.63, 0.61))
+    assert np.array_equal(choice.oof_pred, y)  # perfect out of fold too
+    assert choice.oof_fallback.tolist() == (np.asarray(proto).max(1) < 0.7).tolist()
+    assert list(choice.sweep.columns) == ["threshold", "accuracy", "macro_f1", "fallback_fraction"]
+    assert choice.sweep["threshold"].tolist() == list(THRESHOLD_GRID)
+    for t in (0.0, 0.5, 0.61, 1.0):
+        row = choice.sweep[np.isclose(choice.sweep["threshold"], t)].iloc[0]
+        labels, fell = hybrid_predict(proto, probs, t)
+        assert row["fallback_fraction"] == pytest.approx(fell.mean())
+        assert row["accuracy"] == pytest.approx(accuracy_score(y, labels))
+        assert row["macro_f1"] == pytest.approx(f1_score(y, labels, average="macro"))
+
+
+def test_chosen_value_depends_only_on_validation_data():
+    proto, probs, y = random_fusion_inputs(120, seed=3)
+    fold_of = np.random.default_rng(0).permutation(np.arange(120) % 5)
+    before = (proto.copy(), copy_probs(probs), y.copy(), fold_of.copy())
+    first = choose_fusion("hybrid", proto, probs, y, fold_of)
     test_a, test_b = random_fusion_inputs(60, seed=4), random_fusion_inputs(60, seed=5)
-    pred_a, _ = hybrid_predict(*test_a[:3], first.chosen)
-    pred_b, _ = hybrid_predict(*test_b[:3], first.chosen)
-    second = choose_threshold_cv(*val, seed=0)  # after predicting two different test sets
+    pred_a, _ = hybrid_predict(*test_a[:2], first.chosen)
+    pred_b, _ = hybrid_predict(*test_b[:2], first.chosen)
+    second = choose_fusion("hybrid", proto, probs, y, fold_of)  # after predicting two different test sets
     assert second.chosen == first.chosen and second.fold_values == first.fold_values
-    assert np.array_equal(second.oof_pred, first.oof_pred)
+    assert np.array_equal(second.oof_pred, first.oof_pred) and second.sweep.equals(first.sweep)
     assert not np.array_equal(pred_a, pred_b)  # the test sets really differed
-    for before, after in zip(val_copies[:2] + val_copies[3:], val[:2] + val[3:]):
-        assert np.array_equal(before, after)  # inputs are not modified
+    assert np.array_equal(before[0], proto) and np.array_equal(before[2], y) and np.array_equal(before[3], fold_of)
+    assert all(np.array_equal(before[1][k], probs[k]) for k in probs)  # inputs are not modified
 
 
 def test_out_of_fold_predictions_never_use_the_folds_own_labels():
-    proto, dino, fine, y = random_fusion_inputs(150, seed=6)
-    choice = choose_threshold_cv(proto, dino, fine, y, n_splits=5, seed=1)
+    proto, probs, y = random_fusion_inputs(150, seed=6)
+    fold_of = np.random.default_rng(1).permutation(np.arange(150) % 5)
+    choice = choose_fusion("hybrid", proto, probs, y, fold_of)
+    assert len(choice.fold_values) == 5
     for k in range(5):
-        in_k = choice.fold_of == k
+        in_k = fold_of == k
         y_mutated = y.copy()
         y_mutated[in_k] = (y[in_k] + 3) % 7  # every label of fold k changes
-        again = choose_threshold_cv(proto, dino, fine, y_mutated, fold_of=choice.fold_of)
+        again = choose_fusion("hybrid", proto, probs, y_mutated, fold_of)
         assert again.fold_values[k] == choice.fold_values[k]
         assert np.array_equal(again.oof_pred[in_k], choice.oof_pred[in_k])
+        assert np.array_equal(again.oof_fallback[in_k], choice.oof_fallback[in_k])
         assert not again.sweep["accuracy"].equals(choice.sweep["accuracy"])  # labels were used elsewhere
     # each fold is predicted with its own fold's threshold
     for k, t in enumerate(choice.fold_values):
-        in_k = choice.fold_of == k
-        labels, fell = hybrid_predict(proto, dino, fine, t)
-        assert np.array_equal(choice.oof_pred[in_k], labels[in_k]) and np.array_equal(choice.oof_fallback[in_k], fell[in_k])
+        in_k = fold_of == k
+        labels, fell = hybrid_predict(proto, probs, t)
+        assert np.array_equal(choice.oof_pred[in_k], labels[in_k])
+        assert np.array_equal(choice.oof_fallback[in_k], fell[in_k])
 
 
-def test_stratified_folds_are_seeded_and_cover_each_sample_once():
-    y = np.repeat(np.arange(7), 10)
-    folds = stratified_fold_ids(y, n_splits=5, seed=0)
-    assert np.array_equal(folds, stratified_fold_ids(y, n_splits=5, seed=0))
-    assert not np.array_equal(folds, stratified_fold_ids(y, n_splits=5, seed=1))
-    assert sorted(np.bincount(folds)) == [14] * 5
-    assert all(np.bincount(y[folds == k], minlength=7).tolist() == [2] * 7 for k in range(5))
+@pytest.mark.parametrize("rule", ["hybrid", "soft"])
+def test_a_single_fold_gives_in_sample_predictions_without_error(rule):
+    proto, probs, y = random_fusion_inputs(30, seed=16)
+    choice = choose_fusion(rule, proto, probs, y, np.full(30, 3))
+    assert len(choice.fold_values) == 1 and choice.fold_values[0] == choice.chosen
+    if rule == "hybrid":
+        labels, fell = hybrid_predict(proto, probs, choice.chosen)
+        assert np.array_equal(choice.oof_fallback, fell)
+    else:
+        labels = soft_fusion_predict(proto, probs, choice.chosen)
+    assert np.array_equal(choice.oof_pred, labels)
+
+
+def test_fold_ids_of_the_wrong_length_raise():
+    proto, probs, y = random_fusion_inputs(20, seed=17)
+    for rule in ("hybrid", "soft"):
+        with pytest.raises(ValueError, match="fold_of"):
+            choose_fusion(rule, proto, probs, y, np.arange(19) % 5)
 
 
 def test_weight_choice_returns_grid_value_out_of_fold_predictions_and_sweep():
-    proto, dino, fine, y = random_fusion_inputs(100, seed=7)
-    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
-    choice = choose_weight_cv(proto, dino, fine, y, grid=grid)
-    assert choice.param == "weight" and choice.chosen in grid and set(choice.fold_values) <= set(grid)
+    proto, probs, y = random_fusion_inputs(100, seed=7)
+    fold_of = np.arange(100) % 5
+    choice = choose_fusion("soft", proto, probs, y, fold_of)
+    assert choice.param == "weight" and choice.chosen in WEIGHT_GRID and set(choice.fold_values) <= set(WEIGHT_GRID)
     assert choice.oof_fallback is None and list(choice.sweep.columns) == ["weight", "accuracy", "macro_f1"]
+    assert choice.sweep["weight"].tolist() == list(WEIGHT_GRID)
     assert choice.sweep["accuracy"].tolist() == pytest.approx(
-        [accuracy_score(y, soft_fusion_predict(proto, dino, fine, w)) for w in grid]
-    )
+        [accuracy_score(y, soft_fusion_predict(proto, probs, w)) for w in WEIGHT_GRID])
+    for k, w in enumerate(choice.fold_values):
+        assert np.array_equal(choice.oof_pred[fold_of == k], soft_fusion_predict(proto, probs, w)[fold_of == k])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,16 +323,27 @@ def test_weight_choice_returns_grid_value_out_of_fold_predictions_and_sweep():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_batched_scores_equal_scikit_learn_per_row():
+def test_batched_scores_equal_scikit_learn_per_row_with_absent_classes():
     rng = np.random.default_rng(8)
     y_true = rng.integers(0, 7, (20, 30))
     y_pred = np.where(rng.uniform(size=(20, 30)) < 0.6, y_true, rng.integers(0, 7, (20, 30)))
     y_pred[0] = 6  # a row predicting one class only
-    got = batched_classification_scores(y_true, y_pred)
+    y_true[1] = np.where(y_true[1] == 6, 0, y_true[1])  # throat absent from the truth, predicted
+    y_pred[2] = np.where(y_pred[2] == 3, 4, y_pred[2])
+    y_true[2] = np.where(y_true[2] == 3, 4, y_true[2])  # class 3 absent from both
+    y_true[3], y_pred[3] = 2, 2  # one class, all right
+    y_true[4, :], y_pred[4, :] = rng.integers(0, 3, 30), rng.integers(3, 7, 30)  # all wrong
+    got = batched_scores(y_true, y_pred)
     for b in range(20):
         assert got["accuracy"][b] == pytest.approx(accuracy_score(y_true[b], y_pred[b]))
         assert got["macro_f1"][b] == pytest.approx(f1_score(y_true[b], y_pred[b], average="macro"))
         assert got["weighted_f1"][b] == pytest.approx(f1_score(y_true[b], y_pred[b], average="weighted"))
+    shared = batched_scores(y_true[5], y_pred)  # one (N,) truth for every row
+    for b in range(20):
+        assert shared["macro_f1"][b] == pytest.approx(f1_score(y_true[5], y_pred[b], average="macro"))
+    one = batched_scores(y_true[6], y_pred[6])  # a single (N,) row
+    assert one["weighted_f1"].shape == (1,)
+    assert one["weighted_f1"][0] == pytest.approx(f1_score(y_true[6], y_pred[6], average="weighted"))
 
 
 def test_summary_and_classification_table_equal_scikit_learn():
@@ -232,6 +353,7 @@ def test_summary_and_classification_table_equal_scikit_learn():
     summary = summary_metrics(y_true, y_pred)
     assert summary["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert summary["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert summary["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
     table = classification_table(y_true, y_pred)
     assert list(table.index) == list(LABELS) + ["macro avg", "weighted avg"]
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=list(range(7)), zero_division=0)
@@ -239,18 +361,43 @@ def test_summary_and_classification_table_equal_scikit_learn():
     assert table.loc[list(LABELS), "support"].tolist() == s.tolist() and table.loc["throat", "support"] == 0
     assert table.loc["macro avg", "f1"] == pytest.approx(summary["macro_f1"])
     assert table.loc["weighted avg", "f1"] == pytest.approx(summary["weighted_f1"])
+    assert table.loc["weighted avg", "support"] == 200
     coarse = classification_table(coarse_of(y_true), coarse_of(y_pred), labels=COARSE_CLASSES)
     assert list(coarse.index[:4]) == list(COARSE_CLASSES)
+    assert coarse.loc["macro avg", "f1"] == pytest.approx(f1_score(coarse_of(y_true), coarse_of(y_pred),
+                                                                   average="macro"))
 
 
-def test_coarse_of_and_branch_accuracy():
+def test_classification_table_rejects_out_of_range_ids():
+    y = np.array([0, 1, 2, 3, 4, 5, 6])
+    for bad in (7, -1):  # an id == the number of classes used to be dropped silently
+        with pytest.raises(ValueError, match="0..6"):
+            classification_table(y, np.r_[y[:-1], bad])
+        with pytest.raises(ValueError, match="0..6"):
+            classification_table(np.r_[y[:-1], bad], y)
+    with pytest.raises(ValueError, match="0..3"):
+        classification_table([0, 1, 2, 4], [0, 1, 2, 3], labels=COARSE_CLASSES)
+    with pytest.raises(ValueError, match="integer"):
+        classification_table(y, y.astype(float))
+
+
+def test_coarse_of_follows_label_to_coarse():
+    assert [COARSE_CLASSES[c] for c in coarse_of(range(7))] == [LABEL_TO_COARSE[name] for name in LABELS]
     assert [COARSE_CLASSES[c] for c in coarse_of(range(7))] == ["nose", "nose", "ear", "ear", "vc", "vc", "throat"]
+    assert coarse_of(np.array([], dtype=int)).shape == (0,)
+    with pytest.raises(ValueError):
+        coarse_of([7])
+
+
+def test_branch_accuracy():
     y_true = np.array([0, 1, 2, 3, 4])
     y_pred = np.array([0, 0, 2, 3, 5])
     branches = branch_accuracy(y_true, y_pred, [False, False, True, True, True])
     assert branches.loc["prototype", "n"] == 2 and branches.loc["prototype", "accuracy"] == 0.5
-    assert branches.loc["DINOv2 fallback", "n"] == 3 and branches.loc["DINOv2 fallback", "accuracy"] == pytest.approx(2 / 3)
-    assert branches.loc["all", "accuracy"] == pytest.approx(0.6)
+    assert branches.loc["DINOv2 fallback", "n"] == 3
+    assert branches.loc["DINOv2 fallback", "accuracy"] == pytest.approx(2 / 3)
+    assert branches.loc["DINOv2 fallback", "fraction"] == pytest.approx(0.6)
+    assert branches.loc["all", "n"] == 5 and branches.loc["all", "accuracy"] == pytest.approx(0.6)
     assert np.isnan(branch_accuracy(y_true, y_pred, [False] * 5).loc["DINOv2 fallback", "accuracy"])
 
 
@@ -260,33 +407,95 @@ def _noisy_predictions(n, seed, error_rate=0.2):
     return y, np.where(rng.uniform(size=n) < error_rate, rng.integers(0, 7, n), y)
 
 
+def naive_scores(t, p, n_classes=7):
+    """(B, N) -> accuracy, macro F1 and weighted F1 per row, one class at a time (a reference)."""
+    tp = np.stack([((t == c) & (p == c)).sum(1) for c in range(n_classes)], 1).astype(float)
+    support = np.stack([(t == c).sum(1) for c in range(n_classes)], 1).astype(float)
+    predicted = np.stack([(p == c).sum(1) for c in range(n_classes)], 1).astype(float)
+    present = support + predicted > 0
+    f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1), 0.0)
+    return {"accuracy": (t == p).mean(1), "macro_f1": f1.sum(1) / present.sum(1),
+            "weighted_f1": (f1 * support).sum(1) / t.shape[1]}
+
+
 def test_bootstrap_ci_contains_estimate_is_seeded_and_narrows_with_more_data():
     y, pred = _noisy_predictions(200, seed=10)
     ci = bootstrap_ci(y, pred, n_boot=500, seed=0)
     assert list(ci.index) == ["accuracy", "macro_f1", "weighted_f1"]
+    assert list(ci.columns) == ["estimate", "low", "high"]
     assert (ci["low"] <= ci["estimate"]).all() and (ci["estimate"] <= ci["high"]).all()
     assert ci.loc["accuracy", "estimate"] == pytest.approx(accuracy_score(y, pred))
+    assert ci.loc["macro_f1", "estimate"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert ci.loc["weighted_f1", "estimate"] == pytest.approx(f1_score(y, pred, average="weighted"))
     assert ci.equals(bootstrap_ci(y, pred, n_boot=500, seed=0))
     assert not ci.equals(bootstrap_ci(y, pred, n_boot=500, seed=1))
     y_big, pred_big = _noisy_predictions(5000, seed=11)
     big = bootstrap_ci(y_big, pred_big, n_boot=500, seed=0)
     width, width_big = ci["high"] - ci["low"], big["high"] - big["low"]
     assert (width_big < width / 2).all()
+    with pytest.raises(ValueError, match="equally long"):
+        bootstrap_ci(y, pred[:-1])
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([], [])
 
 
-def test_bootstrap_accepts_custom_vectorised_metrics():
-    y, pred = _noisy_predictions(100, seed=12)
-    ci = bootstrap_ci(y, pred, {"error": lambda t, p: (t != p).mean(axis=1)}, n_boot=200, seed=0)
-    assert ci.loc["error", "estimate"] == pytest.approx(1 - accuracy_score(y, pred))
+def test_bootstrap_resamples_depend_only_on_seed_and_size():
+    # Paired comparisons: two models scored on the same images see the same resamples. Renaming the
+    # classes (the same permutation on truth and prediction) changes no score on any resample.
+    y, pred = _noisy_predictions(300, seed=18)
+    perm = np.array([3, 6, 0, 5, 1, 2, 4])
+    assert np.allclose(bootstrap_ci(y, pred, n_boot=400, seed=5).to_numpy(),
+                       bootstrap_ci(perm[y], perm[pred], n_boot=400, seed=5).to_numpy(), rtol=0, atol=1e-12)
 
 
-def test_comparison_table_has_estimates_and_intervals_per_model():
+@pytest.fixture(scope="module")
+def reference_bootstrap():
+    """(y, pred, scores): 1,000 noisy predictions and the naive scores of 40,000 resamples of them, drawn
+    with a generator of this test's own (not bootstrap_ci's draws)."""
+    y, pred = _noisy_predictions(1000, seed=19)
+    rng = np.random.default_rng(12345)
+    chunks = []
+    for _ in range(20):  # 2,000 resamples at a time
+        idx = rng.integers(0, len(y), size=(2000, len(y)))
+        chunks.append(naive_scores(y[idx], pred[idx]))
+    return y, pred, {m: np.concatenate([c[m] for c in chunks]) for m in chunks[0]}
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_bootstrap_interval_is_the_alpha_over_two_percentile_interval(reference_bootstrap, alpha):
+    # The interval's ends must be the alpha/2 and 1 - alpha/2 quantiles of the resampled scores (the
+    # mutant "quantiles (alpha, 1 - alpha)" gives intervals too narrow).
+    y, pred, scores = reference_bootstrap
+    ci = bootstrap_ci(y, pred, n_boot=5000, seed=0, alpha=alpha)
+    for metric in ci.index:
+        ref = scores[metric]
+        q = {a: np.quantile(ref, a) for a in (alpha / 2, alpha, 1 - alpha, 1 - alpha / 2)}
+        low, high = ci.loc[metric, "low"], ci.loc[metric, "high"]
+        assert q[alpha] - q[alpha / 2] > 0 and q[1 - alpha / 2] - q[1 - alpha] > 0  # the two candidates differ
+        # each end is nearer the right quantile than the wrong one (measured: within 0.4 of their gap;
+        # the mutant's ends sit on the wrong quantiles)
+        assert abs(low - q[alpha / 2]) < abs(low - q[alpha]), metric
+        assert abs(high - q[1 - alpha / 2]) < abs(high - q[1 - alpha]), metric
+        assert ci.loc[metric, "high"] - ci.loc[metric, "low"] > (q[1 - alpha] - q[alpha])  # wider than the mutant's
+
+
+def test_comparison_table_has_paired_estimates_and_intervals_per_model():
     y, pred = _noisy_predictions(150, seed=13)
-    table = comparison_table({"hybrid": pred, "perfect": y}, y, n_boot=300, seed=0)
-    assert list(table.index) == ["hybrid", "perfect"]
-    assert {"accuracy", "accuracy_low", "macro_f1_high", "weighted_f1"} <= set(table.columns)
+    worse = pred.copy()
+    worse[:10] = (y[:10] + 1) % 7  # strictly more errors than `pred`
+    table = comparison_table({"hybrid": pred, "worse": worse, "perfect": y}, y, seed=4)
+    assert list(table.index) == ["hybrid", "worse", "perfect"]
+    assert list(table.columns) == [f"{m}{s}" for m in ("accuracy", "macro_f1", "weighted_f1")
+                                   for s in ("", "_low", "_high")]
     assert table.loc["hybrid", "macro_f1"] == pytest.approx(summary_metrics(y, pred)["macro_f1"])
-    assert table.loc["perfect", "accuracy_low"] == 1.0
+    assert table.loc["perfect", "accuracy_low"] == 1.0 and table.loc["perfect", "macro_f1_high"] == 1.0
+    for name, p in (("hybrid", pred), ("worse", worse)):
+        ci = bootstrap_ci(y, p, seed=4)  # the same seed, so the same resamples
+        for m in ci.index:
+            assert table.loc[name, [m, f"{m}_low", f"{m}_high"]].tolist() == ci.loc[m].tolist()
+    # paired: on every shared resample `worse` scores no better, so its bounds are no higher
+    assert table.loc["worse", "accuracy_low"] <= table.loc["hybrid", "accuracy_low"]
+    assert table.loc["worse", "accuracy_high"] <= table.loc["hybrid", "accuracy_high"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,109 +503,201 @@ def test_comparison_table_has_estimates_and_intervals_per_model():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_plot_confusion_counts_rows_and_both_panels():
+def heatmap_cells(ax, n):
+    return np.asarray(ax.collections[0].get_array(), dtype=float).reshape(n, n)
+
+
+def test_plot_confusion_shows_counts_and_row_normalised_panels():
     y, pred = _noisy_predictions(80, seed=14)
-    assert len(plot_confusion(y, pred, LABELS).axes) == 1
-    rows = plot_confusion(y, pred, LABELS, normalize="true", title="hybrid")
-    cells = np.asarray(rows.axes[0].collections[0].get_array()).reshape(7, 7)
-    assert np.allclose(cells.sum(axis=1), 1.0)
-    assert len(plot_confusion(y, pred, LABELS, normalize="both").axes) == 2
+    y = np.where(y == 6, 0, y)  # throat absent from the truth: its row is empty
+    fig = plot_confusion(y, pred, LABELS, title="hybrid")
+    counts_ax, rows_ax = fig.axes
+    counts = confusion_matrix(y, pred, labels=range(7))
+    assert np.array_equal(heatmap_cells(counts_ax, 7), counts)
+    rows = heatmap_cells(rows_ax, 7)
+    assert np.allclose(rows[:6], counts[:6] / counts[:6].sum(1, keepdims=True))
+    assert np.allclose(rows[6], 0.0)  # an empty row shows zeros, not NaN
+    assert (counts_ax.get_title(), rows_ax.get_title()) == ("counts", "row-normalised")
+    assert [t.get_text() for t in counts_ax.get_xticklabels()] == list(LABELS)
+    assert fig._suptitle.get_text() == "hybrid"
+    coarse = plot_confusion(coarse_of(y), coarse_of(pred), COARSE_CLASSES)
+    assert np.array_equal(heatmap_cells(coarse.axes[0], 4), confusion_matrix(coarse_of(y), coarse_of(pred)))
 
 
-def test_plot_threshold_sweep_marks_the_chosen_value():
-    proto, dino, fine, y = random_fusion_inputs(60, seed=15)
-    choice = choose_threshold_cv(proto, dino, fine, y, grid=np.linspace(0, 1, 11))
+@pytest.mark.parametrize("rule", ["hybrid", "soft"])
+def test_plot_threshold_sweep_marks_the_chosen_value(rule):
+    proto, probs, y = random_fusion_inputs(60, seed=15)
+    choice = choose_fusion(rule, proto, probs, y, np.arange(60) % 3)
     fig = plot_threshold_sweep(choice.sweep, choice.chosen)
     (ax,) = fig.axes
-    assert any(f"{choice.chosen:g}" in text.get_text() for text in ax.get_legend().get_texts())
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any(choice.param in t and f"{choice.chosen:g}" in t for t in legend)
     xs = [np.asarray(line.get_xdata(), dtype=float) for line in ax.get_lines()]
     assert any(x.shape == (2,) and np.allclose(x, choice.chosen) for x in xs)  # the vertical marker
+    assert ax.get_xlabel() == choice.param
 
 
-def test_plot_misclassified_grid_shows_only_errors_with_true_pred_titles(tmp_path):
+def test_plot_image_grid_shows_images_with_titles_and_survives_unreadable_files(tmp_path):
     paths = []
     for i in range(5):
         paths.append(tmp_path / f"img{i}.png")
         Image.new("RGB", (64, 48), (40 * i, 0, 0)).save(paths[-1])
-    paths[3] = tmp_path / "missing.png"  # unreadable images do not crash the report
-    y_true, y_pred = np.array([0, 1, 2, 3, 4]), np.array([0, 2, 2, 5, 6])
-    fig = plot_misclassified_grid(paths, y_true, y_pred, LABELS)
-    assert [ax.get_title() for ax in fig.axes] == ["nose-left / ear-right", "ear-left / vc-closed", "vc-open / throat"]
-    assert len(plot_misclassified_grid(paths, y_true, y_pred, LABELS, max_images=2).axes) == 2
-    assert len(plot_misclassified_grid(paths, y_true, y_true, LABELS).axes) == 1
+    paths[3] = tmp_path / "missing.png"
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths[4] = tmp_path / "broken.png"
+    titles = [f"t{i}" for i in range(5)]
+    fig = plot_image_grid(paths, titles, title="errors", ncols=3)
+    assert len(fig.axes) == 6  # 2 rows of 3
+    assert [ax.get_title() for ax in fig.axes[:5]] == titles
+    assert [len(ax.images) for ax in fig.axes] == [1, 1, 1, 0, 0, 0]
+    assert np.array_equal(fig.axes[1].images[0].get_array()[0, 0], [40, 0, 0])
+    for ax, name in ((fig.axes[3], "missing.png"), (fig.axes[4], "broken.png")):
+        assert any("cannot load" in t.get_text() and name in t.get_text() for t in ax.texts)
+    assert fig._suptitle.get_text() == "errors"
+    empty = plot_image_grid([], [], title="hybrid errors")
+    assert any("none" in t.get_text() for t in empty.axes[0].texts)
 
 
 # ---------------------------------------------------------------------------------------------
 # Submissions
 # ---------------------------------------------------------------------------------------------
 
+GALLERY = ["a.png", "b.png", "c.png", "d.png"]
+T2I_TEXTS = ["vách ngăn lệch", 'a "quoted" spur, left side', "line one\nline two", "  leading spaces",
+             "Ménière\u0301 — 耳, 50%\t\\n", "plain"]
 
-def test_track1_zip_has_one_json_at_root_with_int_labels(tmp_path):
-    names = [f"img{i}.png" for i in range(7)]
-    path = write_track1(names, np.arange(7), tmp_path / "track1.zip")
+
+def zip_json(path):
     with zipfile.ZipFile(path) as zf:
-        assert zf.namelist() == [TRACK1_JSON]
-        data = json.loads(zf.read(TRACK1_JSON).decode("utf-8"))
-    assert data == {n: i for i, n in enumerate(names)} and all(type(v) is int for v in data.values())
-    assert [p.name for p in tmp_path.iterdir()] == ["track1.zip"]  # no temp file left behind
-    first = path.read_bytes()
-    write_track1(names, np.arange(7), path)
-    assert path.read_bytes() == first  # deterministic bytes on rerun
+        (name,) = zf.namelist()
+        return name, zf.read(name)
 
 
-def test_track2_and_track3_round_trip_non_ascii_texts(tmp_path):
-    queries = ["a.png", "b.png", "c.png"]
-    path2 = write_track2(queries, np.array(["b.png", "a.png", "a.png"]), tmp_path / "t2.zip")
-    assert read_submission_zip(path2) == (TRACK2_JSON, {"a.png": "b.png", "b.png": "a.png", "c.png": "a.png"})
-    texts = ["vách ngăn lệch", "the tympanic membrane is intact"]
-    path3 = write_track3(texts, ["a.png", "c.png"], tmp_path / "t3.zip", gallery_images=queries)
-    raw = zipfile.ZipFile(path3).read(TRACK3_JSON)
-    assert "vách ngăn lệch".encode("utf-8") in raw  # stored as UTF-8, not \\u escapes
-    assert validate_track3(path3, texts, queries) == {texts[0]: "a.png", texts[1]: "c.png"}
+@pytest.mark.parametrize("track, queries, answers", [
+    ("track1", [f"img{i}.png" for i in range(7)], np.arange(7)),
+    ("track2", GALLERY, ["b.png", "a.png", "a.png", "c.png"]),
+    ("track3", T2I_TEXTS, ["a.png", "b.png", "c.png", "d.png", "a.png", "a.png"]),
+])
+def test_submission_zip_holds_one_json_at_its_root_and_round_trips(tmp_path, track, queries, answers):
+    zip_name, json_name = SUBMISSIONS[track]
+    out = tmp_path / "new" / "folder"  # created when missing
+    path = write_submission(track, queries, answers, out, gallery=GALLERY)
+    assert path == out / zip_name and [p.name for p in out.iterdir()] == [zip_name]  # no temp file left
+    name, raw = zip_json(path)
+    assert name == json_name and "/" not in name
+    data = json.loads(raw.decode("utf-8"))
+    expected = {q: (int(a) if track == "track1" else a) for q, a in zip(queries, answers)}
+    assert data == expected and list(data) == list(queries)  # exact keys, in order
+    if track == "track1":
+        assert all(type(v) is int for v in data.values())
+    assert check_submission(path, track, queries, GALLERY) == expected
 
 
-@pytest.mark.parametrize(
-    "json_name, mapping, validate, problem",
-    [
-        (TRACK1_JSON, {"a.png": 0}, lambda p: validate_track1(p, ["a.png", "b.png"]), "missing: 'b.png'"),
-        (TRACK1_JSON, {"a.png": 7}, lambda p: validate_track1(p, ["a.png"]), "not integer label ids"),
-        (TRACK1_JSON, {"a.png": True}, lambda p: validate_track1(p, ["a.png"]), "not integer label ids"),
-        (TRACK1_JSON, {"a.png": 1, "z.png": 1}, lambda p: validate_track1(p, ["a.png"]), "not listed"),
-        (TRACK2_JSON, {"a.png": "a.png", "b.png": "a.png"}, lambda p: validate_track2(p, ["a.png", "b.png"]), "retrieve themselves"),
-        (TRACK2_JSON, {"a.png": "x.png", "b.png": "a.png"}, lambda p: validate_track2(p, ["a.png", "b.png"]), "not gallery images"),
-        (TRACK3_JSON, {"a spur": "x.png"}, lambda p: validate_track3(p, ["a spur"], ["a.png"]), "not gallery images"),
-        (TRACK2_JSON, {"a.png": 0}, lambda p: validate_track1(p, ["a.png"]), "needs 'submission.json'"),
-    ],
-)
-def test_validators_name_the_zip_and_the_problem(tmp_path, json_name, mapping, validate, problem):
-    path = write_submission_zip(mapping, tmp_path / "bad.zip", json_name)
-    with pytest.raises(ValueError, match="bad.zip") as err:
-        validate(path)
+def test_three_tracks_share_a_folder_without_overwriting_each_other(tmp_path):
+    write_submission("track1", ["a.png"], [2], tmp_path)
+    write_submission("track2", ["a.png"], ["b.png"], tmp_path, GALLERY)
+    write_submission("track3", ["a spur"], ["c.png"], tmp_path, GALLERY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(zip_name for zip_name, _ in SUBMISSIONS.values())
+    assert check_submission(tmp_path / SUBMISSIONS["track1"][0], "track1", ["a.png"]) == {"a.png": 2}
+
+
+def test_non_ascii_texts_round_trip_exactly_as_utf8(tmp_path):
+    answers = ["a.png", "b.png", "c.png", "d.png", "a.png", "b.png"]
+    path = write_submission("track3", T2I_TEXTS, answers, tmp_path, gallery=GALLERY)
+    _, raw = zip_json(path)
+    assert "vách ngăn lệch".encode() in raw and "耳".encode() in raw  # UTF-8, not \\u escapes
+    mapping = json.loads(raw.decode("utf-8"))
+    assert list(mapping) == T2I_TEXTS  # quotes, commas, newlines, tabs, leading spaces, combining marks kept
+    combining = "Ménière\u0301 — 耳, 50%\t\\n"
+    assert combining in mapping and unicodedata.normalize("NFC", combining) not in mapping  # not normalised
+
+
+def test_numpy_queries_and_answers_are_converted(tmp_path):
+    path = write_submission("track1", np.array(["a.png", "b.png"]), np.array([3, 6], dtype=np.int32), tmp_path)
+    assert json.loads(zip_json(path)[1]) == {"a.png": 3, "b.png": 6}
+    path = write_submission("track2", np.array(["a.png", "b.png"]), np.array(["c.png", "a.png"]), tmp_path,
+                            gallery=np.array(GALLERY))
+    assert json.loads(zip_json(path)[1]) == {"a.png": "c.png", "b.png": "a.png"}
+
+
+@pytest.mark.parametrize("track, answers, expected", [
+    ("track1", [1, 2, 3], {"a.png": 1, "b.png": 3}),
+    ("track2", ["c.png", "d.png", "a.png"], {"a.png": "c.png", "b.png": "a.png"}),
+])
+def test_repeated_queries_are_written_once_with_the_first_answer_and_a_warning(tmp_path, track, answers, expected):
+    with pytest.warns(UserWarning, match="more than once"):
+        path = write_submission(track, ["a.png", "a.png", "b.png"], answers, tmp_path, gallery=GALLERY)
+    assert json.loads(zip_json(path)[1]) == expected
+
+
+@pytest.mark.parametrize("track, queries, answers, problem", [
+    ("track2", ["a.png", "b.png"], ["a.png", "a.png"], "a.png -> 'a.png'"),  # answered by itself
+    ("track2", ["a.png", "b.png"], ["x.png", "a.png"], "x.png"),  # outside the gallery
+    ("track3", ["a spur"], ["x.png"], "x.png"),
+    ("track1", ["a.png"], [7], "label ids 0-6"),
+    ("track1", ["a.png"], ["3"], "label ids 0-6"),
+    ("track1", ["a.png"], [True], "label ids 0-6"),
+    ("track1", ["a.png"], [np.float64(2.0)], "label ids 0-6"),
+    ("track1", ["a.png"], [-1], "label ids 0-6"),
+])
+def test_invalid_submissions_raise_naming_the_zip_and_the_zip_is_removed(tmp_path, track, queries, answers, problem):
+    valid = [0] * len(queries) if track == "track1" else ["d.png"] * len(queries)
+    path = write_submission(track, queries, valid, tmp_path, gallery=GALLERY)  # a valid zip from an earlier run
+    with pytest.raises(ValueError, match=re.escape(str(path))) as err:
+        write_submission(track, queries, answers, tmp_path, gallery=GALLERY)
     assert problem in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # neither the invalid zip nor a temp file is left
 
 
-def test_zip_structure_must_be_exactly_one_json_at_root(tmp_path):
-    for entries in ({"sub/submission.json": "{}"}, {TRACK1_JSON: "{}", "notes.txt": ""}):
+def test_missing_and_extra_queries_are_named(tmp_path):
+    path = write_submission("track1", ["a.png", "z.png"], [0, 1], tmp_path)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as err:
+        check_submission(path, "track1", ["a.png", "b.png"])
+    assert "1 listed queries missing" in str(err.value) and "'b.png'" in str(err.value)
+    assert "1 keys are not listed queries" in str(err.value) and "'z.png'" in str(err.value)
+    with pytest.raises(ValueError, match="one answer per query"):
+        write_submission("track1", ["a.png", "b.png"], [0], tmp_path / "other")
+
+
+def test_identical_reruns_give_identical_bytes(tmp_path, monkeypatch):
+    args = ("track3", T2I_TEXTS, ["a.png"] * len(T2I_TEXTS))
+    first = write_submission(*args, tmp_path / "one", gallery=GALLERY).read_bytes()
+    real_time = time.time()
+    monkeypatch.setattr(time, "time", lambda: real_time + 3 * 86400)  # a rerun days later
+    again = write_submission(*args, tmp_path / "two", gallery=GALLERY).read_bytes()
+    path = write_submission(*args, tmp_path / "one", gallery=GALLERY)  # overwrite in place
+    assert again == first and path.read_bytes() == first
+
+
+@pytest.mark.parametrize("entries", [
+    {"submission.json": '{"a.png": 0}', "notes.txt": ""},  # two files
+    {"sub/submission.json": '{"a.png": 0}'},  # the JSON in a folder
+    {"submission_i2i.json": '{"a.png": 0}'},  # another track's name
+    {"submission.json": '[["a.png", 0]]'},  # a JSON array
+    {"submission.json": '{"a.png": 0, "a.png": 1}'},  # a repeated key
+    {"submission.json": '{"a.png": 0'},  # broken JSON
+])
+def test_check_submission_rejects_malformed_zips(tmp_path, entries):
+    path = tmp_path / "odd.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in entries.items():
+            zf.writestr(name, text)
+    with pytest.raises(ValueError, match="odd.zip"):
+        check_submission(path, "track1", ["a.png"])
+
+
+def test_check_submission_names_the_problem_of_a_malformed_zip(tmp_path):
+    def make(text, name="submission.json"):
         path = tmp_path / "odd.zip"
         with zipfile.ZipFile(path, "w") as zf:
-            for name, text in entries.items():
-                zf.writestr(name, text)
-        with pytest.raises(ValueError, match="exactly one .json at its root"):
-            validate_track1(path, [])
-    with pytest.raises(ValueError, match="bare file name"):
-        write_submission_zip({}, tmp_path / "x.zip", "dir/submission.json")
+            zf.writestr(name, text)
+        return path
 
-
-def test_duplicate_queries_are_reported_and_written_once(tmp_path):
-    with pytest.warns(UserWarning, match="listed more than once") as record:
-        path = write_track3(["a spur", "a spur", "intact"], ["a.png", "b.png", "c.png"], tmp_path / "t3.zip", ["a.png", "b.png", "c.png"])
-    assert "Differing answers for 1" in str(record[0].message)
-    assert read_submission_zip(path)[1] == {"a spur": "a.png", "intact": "c.png"}
-
-
-def test_writer_removes_an_invalid_zip_and_rejects_non_integer_labels(tmp_path):
-    with pytest.raises(ValueError, match="retrieve themselves"):
-        write_track2(["a.png", "b.png"], ["a.png", "a.png"], tmp_path / "t2.zip")
-    assert not (tmp_path / "t2.zip").exists()
-    with pytest.raises(ValueError, match="integer label ids"):
-        write_track1(["a.png"], np.array([1.5]), tmp_path / "t1.zip")
+    with pytest.raises(ValueError, match="repeats keys"):
+        check_submission(make('{"a.png": 0, "a.png": 1}'), "track1", ["a.png"])
+    with pytest.raises(ValueError, match="JSON object"):
+        check_submission(make('[["a.png", 0]]'), "track1", ["a.png"])
+    with pytest.raises(ValueError, match="exactly submission.json at its root"):
+        check_submission(make('{"a.png": 0}', "sub/submission.json"), "track1", ["a.png"])
+    with pytest.raises(ValueError, match="not a valid"):
+        check_submission(tmp_path / "nowhere.zip", "track1", ["a.png"])

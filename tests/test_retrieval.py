@@ -1,122 +1,561 @@
-"""Retrieval at scale: the gallery-chunked exact search and the optional FAISS index agree with a
-brute-force reference (CPU, tiny seeded data, no network)."""
+"""Tests for utils section 9, "Retrieval" (Tracks 2 and 3): exact top-k search against a brute-force
+reference, region re-ranking, Recall@k / MRR, the choices made on held-out pairs only, the
+validation query sets, text-to-image ranking and the gallery figure. CPU, tiny seeded data, no network.
+(utils.retrieval_gallery is tested in test_data.py.)"""
 
 from __future__ import annotations
 
-import builtins
-
+import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
 
-from utils import cosine_topk, faiss_index
+import utils
+from utils import (
+    RERANK_BETA_GRID,
+    caption_queries,
+    choose_rerank_beta,
+    cosine_topk,
+    description_queries,
+    embed_texts,
+    evaluate_i2i,
+    i2i_eval_set,
+    plot_retrieval_gallery,
+    rank_gallery,
+    rerank_by_region,
+    retrieval_hits,
+    retrieval_metrics,
+    split_finding_lines,
+    text_to_image,
+    validation_distractors,
+)
+
+matplotlib.use("Agg")
+
+CPU = torch.device("cpu")
+NEG_INF = float("-inf")
 
 
-def integer_feats(n: int, d: int, seed: int) -> torch.Tensor:
-    """Small-integer rows: every dot product is exact in float32 whatever the summation order, and
-    duplicates plus the few distinct values make many ties."""
+# ----------------------------------------------------------------------------------- data and references
+
+
+def random_unit(n: int, d: int, seed: int) -> torch.Tensor:
+    """Unit rows from numpy's generator (the same numbers on every machine)."""
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).float()
+
+
+def sign_unit(n: int, d: int, seed: int, n_dup: int = 0) -> torch.Tensor:
+    """Tie-heavy integer-valued rows: entries +-1 scaled by 1/sqrt(d) (d = 4, 16: a power of two), so every
+    row is a unit vector and every cosine a multiple of 1/d, exact in float32 whatever the summation
+    order. Few distinct values and `n_dup` copied rows make many equal scores."""
     rng = np.random.default_rng(seed)
-    base = rng.integers(-2, 3, size=(n, d)).astype(np.float32)
-    base[rng.choice(n, n // 4, replace=False)] = base[rng.choice(n, n // 4, replace=False)]  # duplicates
-    return torch.from_numpy(base)
+    x = rng.choice([-1.0, 1.0], size=(n, d)) / np.sqrt(d)
+    if n_dup:
+        x[rng.choice(n, n_dup, replace=False)] = x[rng.choice(n, n_dup, replace=False)]
+    return torch.from_numpy(x).float()
 
 
-def brute_force(q: torch.Tensor, g: torch.Tensor, k: int, exclude: torch.Tensor | None = None):
-    """Reference: full score matrix, excluded pairs at -inf, stable sort (ties by lower index)."""
-    sim = q.double() @ g.double().T
-    if exclude is not None:
-        sim[exclude] = float("-inf")
-    s, i = torch.sort(sim, dim=1, descending=True, stable=True)
-    return s[:, :k].float(), i[:, :k]
+def brute_force(q: torch.Tensor, g: torch.Tensor, k: int, exclude: np.ndarray | None = None):
+    """Reference, one query at a time: cosine in float64, excluded pairs dropped, a full stable sort
+    (equal cosines by lower gallery index), the first k; slots left empty hold -1 and -inf."""
+    qn, gn = F.normalize(q.double(), dim=1).numpy(), F.normalize(g.double(), dim=1).numpy()
+    k = min(k, len(g))
+    scores, indices = np.full((len(q), k), NEG_INF), np.full((len(q), k), -1)
+    for i, qi in enumerate(qn):
+        sims = gn @ qi
+        order = [j for j in np.lexsort((np.arange(len(g)), -sims)) if exclude is None or not exclude[i, j]][:k]
+        scores[i, :len(order)], indices[i, :len(order)] = sims[order], order
+    return scores, indices
 
 
-def clustered_unit(n: int, d: int, seed: int, n_clusters: int = 20) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(n_clusters, d, generator=g)
-    return F.normalize(centres[torch.randint(n_clusters, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g), dim=-1)
+def min_gap(q: torch.Tensor, g: torch.Tensor) -> float:
+    """Smallest distance between two cosines of one query: float32 rounding cannot swap gaps above ~1e-6."""
+    sims = np.sort(F.normalize(q.double(), dim=1).numpy() @ F.normalize(g.double(), dim=1).numpy().T, axis=1)
+    return float(np.diff(sims, axis=1).min())
 
 
-@pytest.mark.parametrize("chunk_size, gallery_chunk_size", [(7, 5), (3, 64), (1024, 11), (50, 50)])
-def test_chunked_exact_search_equals_brute_force_with_ties(chunk_size, gallery_chunk_size):
-    q, g = integer_feats(40, 6, 0), integer_feats(157, 6, 1)
-    for k in (1, 4, 10):
-        s, i = cosine_topk(q, g, k, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size)
+def one_hot(regions) -> torch.Tensor:
+    return torch.eye(4)[list(regions)]
+
+
+# ----------------------------------------------------------------------------------- cosine_topk
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_cosine_topk_equals_brute_force(kind):
+    q, g = (random_unit(23, 8, 0), random_unit(37, 8, 1)) if kind == "random" else \
+           (sign_unit(23, 4, 0, n_dup=5), sign_unit(37, 4, 1, n_dup=9))
+    if kind == "random":
+        assert min_gap(q, g) > 1e-5  # no near-ties: the order is the same in float32 on any CPU
+    for k in (1, 5, 37, 50):  # 50 > gallery: every row, best first
+        scores, idx = cosine_topk(q, g, k)
         ref_s, ref_i = brute_force(q, g, k)
-        assert torch.equal(i, ref_i), (k, chunk_size, gallery_chunk_size)
-        assert torch.equal(s, ref_s)
-    s, i = cosine_topk(q, g, 0, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size)
-    assert s.shape == i.shape == (40, 0)
+        assert idx.shape == scores.shape == (23, min(k, 37)) and idx.dtype == torch.long
+        assert np.array_equal(idx.numpy(), ref_i), k
+        if kind == "ties":
+            assert np.array_equal(scores.numpy(), ref_s.astype(np.float32))  # exact values
+        else:
+            assert np.allclose(scores.numpy(), ref_s, atol=1e-6)
+    if kind == "ties":
+        assert len(np.unique(brute_force(q, g, 37)[0])) <= 5  # the data really is tie-heavy
 
 
-def test_chunked_exact_search_excludes_self_and_equal_ids_across_chunks():
-    g = integer_feats(60, 5, 2)
-    s, i = cosine_topk(g, g, 8, exclude_self=True, chunk_size=9, gallery_chunk_size=7)
-    assert torch.equal(i, brute_force(g, g, 8, torch.eye(60, dtype=torch.bool))[1])
-    ids = [f"exam{j // 3}" for j in range(60)]  # three views per examination share an id
-    _, i = cosine_topk(g[::3], g, 5, query_ids=ids[::3], gallery_ids=ids, gallery_chunk_size=4)
-    same = torch.tensor([[a == b for b in ids] for a in ids[::3]])
-    assert torch.equal(i, brute_force(g[::3], g, 5, same)[1])
+def test_cosine_topk_ranks_query_blocks_like_one_search():
+    """Queries are scored in blocks of 2^24 // gallery rows: 1.2M queries on 16 rows span two blocks (the
+    second one partial). The queries hold only 16 distinct vectors and 20 ids, so each (vector, id) pair
+    gets the naive reference once, and every query's answer must equal its pair's."""
+    n_g, n_ids = 16, 20
+    n_q = 2**24 // n_g + 2**17 + 3
+    g, q = sign_unit(n_g, 4, 0), sign_unit(n_q, 4, 1)
+    gallery_ids = list(range(13)) + [13, 13, 13]  # rows 13-15: one content
+    query_ids = np.random.default_rng(2).integers(0, n_ids, n_q)  # ids 14-19 exclude nothing
+    scores, idx = cosine_topk(q, g, 20, query_ids.tolist(), gallery_ids)
+    assert idx.shape == scores.shape == (n_q, n_g)
+
+    vectors = torch.tensor([[1 if b & (1 << j) else -1 for j in range(4)] for b in range(16)]) / 2.0
+    combo = ((q > 0).long() * torch.tensor([1, 2, 4, 8])).sum(1) * n_ids + torch.from_numpy(query_ids)
+    used = combo.unique()
+    assert len(used) == 16 * n_ids  # every vector with every id occurs
+    ref_s, ref_i = torch.empty(16 * n_ids, n_g), torch.empty(16 * n_ids, n_g, dtype=torch.long)
+    for c in used.tolist():
+        exclude = np.array([[gallery_ids[j] == c % n_ids for j in range(n_g)]])
+        s, i = brute_force(vectors[c // n_ids][None], g, n_g, exclude)
+        ref_s[c], ref_i[c] = torch.from_numpy(s).float(), torch.from_numpy(i)
+    assert torch.equal(idx, ref_i[combo]) and torch.equal(scores, ref_s[combo])  # exact: cosines are k / 4
+    assert (idx[query_ids == 13, -3:] == -1).all()  # three rows of content 13 excluded: three empty slots
+    assert not (idx[query_ids >= 14] == -1).any()
 
 
-def test_exact_search_handles_empty_queries_and_tiny_galleries():
-    g = integer_feats(3, 4, 3)
-    s, i = cosine_topk(g[:0], g, 5)
-    assert s.shape == (0, 3) and i.shape == (0, 3)
-    s, i = cosine_topk(g, g, 5, exclude_self=True, gallery_chunk_size=1)
-    assert i.shape == (3, 2) and not (i == torch.arange(3)[:, None]).any()
+def test_cosine_topk_never_returns_the_query_or_a_copy_of_its_content():
+    g = random_unit(30, 8, 3)
+    g[[4, 11, 20]] = g[7].clone()  # four files of one content
+    ids = [f"sha{i}" for i in range(30)]
+    for j in (4, 11, 20):
+        ids[j] = ids[7]
+    queries = [7, 0, 11, 25]
+    _, plain = cosine_topk(g[queries], g, 1)
+    assert plain[:, 0].tolist() == [4, 0, 4, 25]  # without ids a query finds itself (or a copy, lower index)
+    scores, idx = cosine_topk(g[queries], g, 30, [ids[j] for j in queries], ids)
+    exclude = np.array([[ids[a] == ids[b] for b in range(30)] for a in queries])
+    ref_s, ref_i = brute_force(g[queries], g, 30, exclude)
+    assert np.array_equal(idx.numpy(), ref_i) and np.allclose(scores.numpy(), ref_s, atol=1e-6)
+    for row, j in zip(idx.tolist(), queries):
+        kept = [b for b in row if b >= 0]
+        assert all(ids[b] != ids[j] for b in kept)
+        assert len(kept) == 30 - exclude[queries.index(j)].sum()  # everything else is still ranked
+    assert (idx[[0, 2], -4:] == -1).all() and (scores[[0, 2], -4:] == NEG_INF).all()
 
 
-def test_faiss_flat_index_equals_exact_search_with_exclusions():
-    pytest.importorskip("faiss")  # in requirements.txt; skipped only where it could not be installed
-    g = clustered_unit(300, 16, 0)
-    index = faiss_index(g, kind="flat")
-    s_exact, i_exact = cosine_topk(g, g, 10, exclude_self=True)
-    s, i = cosine_topk(g, g, 10, exclude_self=True, index=index)
-    assert torch.equal(i, i_exact) and torch.allclose(s, s_exact, atol=1e-5)
-    ids = [j // 2 for j in range(300)]
-    _, i_exact = cosine_topk(g[::2], g, 5, query_ids=ids[::2], gallery_ids=ids)
-    _, i = cosine_topk(g[::2], g, 5, query_ids=ids[::2], gallery_ids=ids, index=index)
-    assert torch.equal(i, i_exact)
+def test_cosine_topk_fully_excluded_query_gets_minus_one_and_minus_inf():
+    g = random_unit(3, 4, 4)
+    scores, idx = cosine_topk(g[:2], g, 5, ["a", "b"], ["a", "a", "a"])
+    assert idx.shape == (2, 3)  # k clipped to the gallery
+    assert idx[0].tolist() == [-1, -1, -1] and (scores[0] == NEG_INF).all()
+    assert sorted(idx[1].tolist()) == [0, 1, 2] and torch.isfinite(scores[1]).all()
 
 
-def test_faiss_flat_orders_equal_scores_by_lower_index_like_exact_search():
-    pytest.importorskip("faiss")
-    q = torch.tensor([[1.0, 0.0]])
-    g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])  # 1 and 3 tie
-    _, i = cosine_topk(q, g, 4, index=faiss_index(g))
-    assert i[0].tolist() == [1, 3, 2, 0]
+def test_cosine_topk_empty_queries_and_gallery():
+    g = random_unit(6, 4, 5)
+    for ids in ((None, None), ([], [f"x{i}" for i in range(6)])):
+        scores, idx = cosine_topk(g[:0], g, 4, *ids)
+        assert scores.shape == idx.shape == (0, 4) and idx.dtype == torch.long
+    scores, idx = cosine_topk(g, g[:0], 4)
+    assert scores.shape == idx.shape == (6, 0)
 
 
-def test_faiss_ivf_agrees_with_exact_top1_on_clustered_data():
-    pytest.importorskip("faiss")
-    g = clustered_unit(2000, 32, 1)
-    q = F.normalize(g[:200] + 0.05 * torch.randn(200, 32, generator=torch.Generator().manual_seed(2)), dim=-1)
-    index = faiss_index(g, kind="ivf", nprobe=8, seed=0)
-    _, i_exact = cosine_topk(q, g, 1)
-    _, i = cosine_topk(q, g, 1, index=index)
-    assert (i[:, 0] == i_exact[:, 0]).float().mean() >= 0.95
-    again = cosine_topk(q, g, 1, index=faiss_index(g, kind="ivf", nprobe=8, seed=0))[1]
-    assert torch.equal(i, again)  # seeded training: the same index twice
+# ----------------------------------------------------------------------------------- region re-ranking
 
 
-def test_faiss_index_must_match_the_gallery_and_kind_is_checked():
-    pytest.importorskip("faiss")
-    g = clustered_unit(50, 8, 3)
-    with pytest.raises(ValueError, match="holds 50 rows but the gallery has 49"):
-        cosine_topk(g[:3], g[:49], 2, index=faiss_index(g))
-    with pytest.raises(ValueError, match="'flat'"):
-        faiss_index(g, kind="hnsw")
+def shortlist(n: int = 20, k: int = 6, seed: int = 0):
+    feats = random_unit(n, 8, seed)
+    scores, idx = cosine_topk(feats, feats, k, list(range(n)), list(range(n)))
+    return feats, scores, idx
 
 
-def test_missing_faiss_says_how_to_install_it(monkeypatch):
-    real_import = builtins.__import__
+def test_rerank_by_region_permutes_each_shortlist_and_adds_beta_times_agreement():
+    _, scores, idx = shortlist()
+    probs = torch.softmax(torch.from_numpy(np.random.default_rng(1).standard_normal((20, 4)) * 3).float(), dim=1)
+    before = (scores.clone(), idx.clone())
+    for beta in (0.05, 0.3, 5.0):
+        s, i = rerank_by_region(scores, idx, probs, probs, beta)
+        assert torch.equal(i.sort(dim=1).values, idx.sort(dim=1).values)  # same candidates
+        assert (s[:, :-1] >= s[:, 1:]).all()  # best first
+        for q in range(20):  # naive: each candidate's score + beta * P(same region)
+            new = {int(c): float(sc) + beta * float(probs[q] @ probs[c]) for sc, c in zip(scores[q], idx[q])}
+            assert np.allclose(s[q].numpy(), [new[int(c)] for c in i[q]], atol=1e-5)
+    assert torch.equal(scores, before[0]) and torch.equal(idx, before[1])  # inputs untouched
 
-    def no_faiss(name, *args, **kwargs):
-        if name == "faiss":
-            raise ImportError("No module named 'faiss'")
-        return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_faiss)
-    with pytest.raises(ImportError, match="pip install faiss-cpu"):
-        faiss_index(clustered_unit(10, 4, 0))
+def test_rerank_by_region_beta_zero_keeps_the_order():
+    _, scores, idx = shortlist()
+    probs = torch.softmax(torch.randn(20, 4, generator=torch.Generator().manual_seed(2)), dim=1)
+    s, i = rerank_by_region(scores, idx, probs, probs, 0.0)
+    assert torch.equal(i, idx) and torch.equal(s, scores)
+    scores_tied = torch.full_like(scores, 0.5)  # equal scores keep their previous order
+    assert torch.equal(rerank_by_region(scores_tied, idx, probs, probs, 0.0)[1], idx)
+
+
+def test_rerank_by_region_large_beta_puts_same_region_candidates_first():
+    _, scores, idx = shortlist()
+    region = one_hot(np.random.default_rng(3).integers(0, 4, 20))
+    _, i = rerank_by_region(scores, idx, region, region, 5.0)  # 5 > any cosine gap (at most 2)
+    agree = (region[:, None, :] * region[i]).sum(-1)  # (Q, K): 1 = same region
+    assert (agree[:, :-1] >= agree[:, 1:]).all()
+    assert agree.any(1).sum() > 5 and not agree.all(1).all()  # the data has both kinds
+    for q in range(20):  # within each group the cosine order is kept
+        pos = {int(c): j for j, c in enumerate(idx[q])}
+        for group in (i[q][agree[q] == 1], i[q][agree[q] == 0]):
+            ranks = [pos[int(c)] for c in group]
+            assert ranks == sorted(ranks)
+
+
+def test_rerank_by_region_keeps_empty_slots_last():
+    g = random_unit(5, 8, 4)
+    ids = ["a", "a", "b", "c", "d"]
+    scores, idx = cosine_topk(g[[0, 2]], g, 5, ["a", "b"], ids)  # query 0 loses 2 rows, query 1 one
+    region = one_hot([0, 1, 2, 2, 1])
+    s, i = rerank_by_region(scores, idx, region[[0, 2]], region, 5.0)
+    assert i[0, -2:].tolist() == [-1, -1] and (s[0, -2:] == NEG_INF).all()
+    assert i[1, -1].item() == -1 and s[1, -1].item() == NEG_INF
+    assert sorted(i[0, :3].tolist()) == [2, 3, 4] and torch.isfinite(s[0, :3]).all()
+    assert i[1, 0].item() == 3  # the only candidate of the query's region (2), first
+    assert sorted(i[1, :4].tolist()) == [0, 1, 3, 4]
+
+
+def test_rank_gallery_is_cosine_topk_then_reranking():
+    feats, _, _ = shortlist()
+    ids = [f"sha{i}" for i in range(20)]
+    ids[5] = ids[3]  # a duplicate content
+    region = torch.softmax(torch.from_numpy(np.random.default_rng(5).standard_normal((20, 4)) * 3).float(), dim=1)
+    q = [3, 8, 11]
+    scores, plain = cosine_topk(feats[q], feats, 7, [ids[j] for j in q], ids)
+    assert torch.equal(rank_gallery(feats[q], feats, [ids[j] for j in q], ids, 7), plain)
+    assert torch.equal(rank_gallery(feats[q], feats, [ids[j] for j in q], ids, 7, region[q], region, 0.0), plain)
+    ranked = rank_gallery(feats[q], feats, [ids[j] for j in q], ids, 7, region[q], region, 0.5)
+    assert torch.equal(ranked, rerank_by_region(scores, plain, region[q], region, 0.5)[1])
+    for row, j in zip(ranked.tolist(), q):
+        assert all(ids[b] != ids[j] for b in row)  # never the query's own content
+    assert 5 not in ranked[0].tolist() and 3 not in ranked[0].tolist()
+
+
+# ----------------------------------------------------------------------------------- Recall@k, MRR
+
+
+def test_retrieval_metrics_hand_worked_with_several_relevant_items():
+    ranked = np.array([[4, 2, 9, 0, 1],     # relevant {2, 9}: first hit at rank 2
+                       [1, 0, 3, 5, 6],     # {1, 3}: rank 1
+                       [5, 6, 7, 8, 0],     # {0}: rank 5
+                       [3, -1, -1, -1, -1],  # {7}: missed, empty slots
+                       [2, 3, 4, 5, 6]])    # no relevant item: a miss
+    relevant = [{2, 9}, {1, 3}, {0}, {7}, set()]
+    assert retrieval_hits(ranked, relevant)[0].tolist() == [False, True, True, False, False]
+    assert retrieval_hits(ranked, relevant)[1].tolist() == [True, False, True, False, False]
+    m = retrieval_metrics(ranked, relevant)
+    assert set(m) == {"R@1", "R@5", "R@10", "MRR"}
+    assert m["R@1"] == pytest.approx(1 / 5) and m["R@5"] == pytest.approx(3 / 5) and m["R@10"] == pytest.approx(3 / 5)
+    assert m["MRR"] == pytest.approx((0.5 + 1.0 + 0.2 + 0.0 + 0.0) / 5)
+    assert retrieval_metrics(torch.from_numpy(ranked), relevant, ks=(2,)) == pytest.approx({"R@2": 2 / 5, "MRR": 0.34})
+
+
+def test_retrieval_metrics_equal_brute_force_on_random_data():
+    rng = np.random.default_rng(0)
+    ranked = np.stack([rng.permutation(30)[:10] for _ in range(60)])
+    ranked[rng.random(ranked.shape) < 0.1] = -1  # some empty slots
+    relevant = [set(rng.choice(30, size=rng.integers(0, 4), replace=False).tolist()) for _ in range(60)]
+    m = retrieval_metrics(ranked, relevant, ks=(1, 3, 5, 10))
+    for k in (1, 3, 5, 10):
+        brute = np.mean([any(g in rel for g in row[:k]) for row, rel in zip(ranked, relevant)])
+        assert m[f"R@{k}"] == pytest.approx(brute)
+    rr = []
+    for row, rel in zip(ranked, relevant):
+        ranks = [r + 1 for r, g in enumerate(row) if g in rel]
+        rr.append(1.0 / ranks[0] if ranks else 0.0)
+    assert m["MRR"] == pytest.approx(np.mean(rr))
+    hits = retrieval_hits(ranked, relevant)
+    assert hits.shape == ranked.shape and not hits[ranked == -1].any()
+
+
+def test_empty_slots_never_hit_and_queries_without_relevant_items_are_misses():
+    ranked = torch.tensor([[-1, -1, -1], [2, -1, -1], [-1, -1, -1]])
+    relevant = [{0, 1, 2}, set(), {29}]  # 29: a 30-row gallery's last row, where index -1 would wrap to
+    assert not retrieval_hits(ranked, relevant).any()
+    assert retrieval_metrics(ranked, relevant) == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0, "MRR": 0.0}
+
+
+def test_retrieval_metrics_of_empty_rankings_count_every_query_as_a_miss():
+    # an empty gallery gives empty rankings [Q, 0] (cosine_topk clips k): no query finds anything
+    ranked = cosine_topk(random_unit(3, 4, 0), torch.empty(0, 4), 10)[1]
+    assert ranked.shape == (3, 0) and retrieval_hits(ranked, [{1}, {2}, {3}]).shape == (3, 0)
+    assert retrieval_metrics(ranked, [{1}, {2}, {3}]) == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0, "MRR": 0.0}
+
+
+def test_retrieval_metrics_of_no_queries_are_nan_and_lengths_must_match():
+    for ranked in (torch.empty(0, 5, dtype=torch.long), np.empty((0, 0), dtype=int), []):
+        m = retrieval_metrics(ranked, [], ks=(1, 5))
+        assert set(m) == {"R@1", "R@5", "MRR"} and all(np.isnan(v) for v in m.values())
+    with pytest.raises(ValueError, match="one per query"):
+        retrieval_hits(np.array([[0, 1]]), [{0}, {1}])
+
+
+# ----------------------------------------------------------------------------------- choose_rerank_beta
+
+
+def test_choose_rerank_beta_uses_only_the_pairs_it_is_given():
+    """Gallery rows 0-3 serve the "val" queries, 4-7 the "other" ones. Each shortlist holds the partner
+    second (0.9 vs 0.75): region agreement points at it for val and away from it for other, so the
+    choices differ, and changing the other pairs' data leaves the val choice alone."""
+    scores = torch.tensor([[0.9, 0.75]] * 4)
+    val_idx = torch.tensor([[1, 2], [0, 3], [3, 0], [2, 1]])
+    q_region = one_hot([0, 1, 0, 1])
+    val_rel = [{2}, {3}, {0}, {1}]
+    g_region = one_hot([0, 1, 0, 1, 1, 0, 1, 0])  # val: partners share the query's region, other: the rest
+    before = tuple(t.clone() for t in (scores, val_idx, q_region, g_region))
+    beta, table = choose_rerank_beta(scores, val_idx, q_region, g_region, val_rel)
+    # 0.75 + beta beats 0.9 for beta > 0.15: every beta from 0.2 on, the smallest chosen
+    assert beta == 0.2
+    assert table["beta"].tolist() == list(RERANK_BETA_GRID) and {"R@1", "R@5", "MRR"} <= set(table.columns)
+    assert table.loc[table.beta == 0.2, "R@1"].item() == 1.0 and table.loc[table.beta == 0.0, "R@1"].item() == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, (scores, val_idx, q_region, g_region)))
+
+    other_idx, other_rel = val_idx + 4, [{r + 4 for r in rel} for rel in val_rel]
+    assert choose_rerank_beta(scores, other_idx, q_region, g_region, other_rel)[0] == 0.0  # agreement misleads
+    for seed in range(3):  # other pairs' regions changed: the val choice is the same
+        changed = g_region.clone()
+        changed[4:] = one_hot(np.random.default_rng(seed).integers(0, 4, 4))
+        again, again_table = choose_rerank_beta(scores, val_idx, q_region, changed, val_rel)
+        assert again == 0.2 and again_table.equals(table)
+
+
+def test_choose_rerank_beta_prefers_r1_then_mrr_then_the_smallest_beta():
+    # query A: partner first; a same-region item overtakes it for beta >= 0.2 (0.75 + beta > 0.9).
+    # queries B, C: partner sixth; it passes one item at beta 0.1 (rank 5) and all four at beta >= 0.2
+    # (rank 2), behind the first, which shares the region too. Best MRR: beta >= 0.2; best R@1: <= 0.1.
+    scores = torch.tensor([[0.9, 0.75, -0.5, -0.5, -0.5, -0.5], [1.0, 0.6, 0.58, 0.56, 0.54, 0.45],
+                           [1.0, 0.6, 0.58, 0.56, 0.54, 0.45]])
+    idx = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11]])
+    g_region = one_hot([0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1])
+    q_region = one_hot([1, 1, 1])
+    relevant = [{0}, {11}, {11}]
+    beta, table = choose_rerank_beta(scores, idx, q_region, g_region, relevant)
+    t = table.set_index("beta")
+    assert t.loc[0.0, "R@1"] == pytest.approx(1 / 3) and t.loc[0.0, "MRR"] == pytest.approx((1 + 1 / 6 + 1 / 6) / 3)
+    assert t.loc[0.1, "MRR"] == pytest.approx((1 + 0.2 + 0.2) / 3)
+    assert t.loc[0.2, "R@1"] == 0.0 and t.loc[0.2, "MRR"] == pytest.approx(0.5) and t.loc[0.2, "MRR"] > t.loc[0.1, "MRR"]
+    assert beta == 0.1  # R@1 first, then MRR
+    uniform = torch.full((12, 4), 0.25)  # no region information: every beta ties, the smallest wins
+    assert choose_rerank_beta(scores, idx, uniform[:3], uniform, relevant)[0] == min(RERANK_BETA_GRID)
+
+
+# ----------------------------------------------------------------------------------- Track 2 validation
+
+
+def test_i2i_eval_set_gallery_queries_and_relevant_partners():
+    i2i = pd.DataFrame({"query_path": ["b", "a", "c", "a", "d"], "match_path": ["a", "b", "a", "e", "d"]})
+    gallery, queries, relevant = i2i_eval_set(i2i, distractors=["z", "a", "y", "z", "e"])
+    assert gallery == ["a", "b", "c", "d", "e", "y", "z"]  # pair images, then new distractors, once each
+    assert len(set(gallery)) == len(gallery)
+    assert [gallery[q] for q in queries] == ["a", "b", "c"]  # "d" -> "d" finds nothing but itself: no query
+    assert relevant == [{1, 4}, {0}, {0}]  # a -> b and e, b -> a, c -> a
+    for q, m in zip(i2i.query_path, i2i.match_path):  # every pair's partner is relevant to its query
+        if q != m:
+            assert gallery.index(m) in relevant[queries.index(gallery.index(q))]
+    assert i2i_eval_set(i2i)[0] == ["a", "b", "c", "d", "e"]
+
+
+def test_validation_distractors_copy_the_test_gallery_to_query_ratio():
+    candidates = [f"img{i:02d}.png" for i in range(50)]
+    # test: 35 gallery images for 7 queries (5x); 10 pair images need 40 more to be 5x their count
+    picked = validation_distractors(candidates, 10, 35, 7, seed=0)
+    assert len(picked) == round(10 * (35 / 7 - 1)) == 40
+    assert len(set(picked)) == 40 and set(picked) <= set(candidates)
+    pairs = pd.DataFrame({"query_path": [f"p{i}" for i in range(10)], "match_path": [f"p{i ^ 1}" for i in range(10)]})
+    gallery, queries, _ = i2i_eval_set(pairs, picked)
+    assert len(gallery) / len(queries) == pytest.approx(35 / 7)
+    assert len(validation_distractors(candidates, 12, 30, 9, seed=0)) == round(12 * (30 / 9 - 1)) == 28
+    assert validation_distractors(candidates, 10, 35, 7, seed=0) == picked  # seeded
+    assert validation_distractors(candidates[::-1], 10, 35, 7, seed=0) == picked  # input order does not matter
+    assert validation_distractors(candidates, 10, 35, 7, seed=1) != picked
+    assert validation_distractors(candidates, 10, 0, 0, seed=0) == candidates  # no test list: all of them
+    assert validation_distractors(candidates, 10, 1000, 7, seed=0) == candidates  # more than there are: all
+    assert validation_distractors(candidates, 10, 7, 7, seed=0) == []  # the test gallery is just its queries
+
+
+def clusters(groups: list[list[int]], n: int, seed: int, noise: float = 0.05) -> torch.Tensor:
+    """Unit rows: the images of each group near one random direction of their own (near-duplicates)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 32))
+    for group in groups:
+        centre = rng.standard_normal(32)
+        for i in group:
+            x[i] = centre + noise * rng.standard_normal(32)
+    return F.normalize(torch.from_numpy(x).float(), dim=1)
+
+
+# 12 images in 6 two-way pairs (2i, 2i + 1); every image is a query, its partner relevant. The first two
+# pairs (queries 0-3) are held out. "held_out_wins" groups the held-out pairs right and the others wrong
+# (each with a neighbour of another pair); "others_win" the opposite, so it wins on all pairs (8 vs 4).
+N_IMG = 12
+IDS = [f"sha{i}" for i in range(N_IMG)]
+RELEVANT = [{i ^ 1} for i in range(N_IMG)]
+HELD_OUT = [0, 1, 2, 3]
+FEATS = {"others_win": clusters([[0, 3], [1, 2], [4, 5], [6, 7], [8, 9], [10, 11]], N_IMG, 0),
+         "held_out_wins": clusters([[0, 1], [2, 3], [5, 6], [7, 8], [9, 10], [11, 4]], N_IMG, 1)}
+
+
+def row(table: pd.DataFrame, embedding: str, pairs: str, ranking: str) -> pd.Series:
+    found = table[(table.embedding == embedding) & (table.pairs == pairs) & (table.ranking == ranking)]
+    assert len(found) == 1
+    return found.iloc[0]
+
+
+def test_evaluate_i2i_chooses_the_embedding_that_finds_partners_on_held_out_pairs():
+    g = torch.Generator().manual_seed(0)
+    partners = F.normalize(torch.randn(10, 16, generator=g), dim=1).repeat_interleave(2, 0)  # 2i ~ 2i + 1
+    good = F.normalize(partners + 0.05 * torch.randn(20, 16, generator=g), dim=1)
+    noise = F.normalize(torch.randn(20, 16, generator=g), dim=1)
+    ids = [f"sha{i}" for i in range(20)]
+    relevant = [{i ^ 1} for i in range(20)]
+    table, choice = evaluate_i2i({"noise": noise, "good": good}, ids, range(20), relevant, range(10),
+                                 torch.full((20, 4), 0.25), k=5)
+    assert choice["embedding"] == "good" and "10 held-out pairs" in choice["chosen_on"]
+    assert {"embedding", "pairs", "ranking", "beta", "n", "R@1", "R@5", "R@10", "MRR"} <= set(table.columns)
+    assert row(table, "good", "all pairs", "plain")["R@1"] == 1.0 and row(table, "good", "all pairs", "plain")["n"] == 20
+    assert row(table, "good", "held-out pairs (choice)", "plain")["n"] == 10
+    assert row(table, "noise", "held-out pairs (choice)", "region re-rank")["R@1"] < 0.5
+
+
+def test_evaluate_i2i_chooses_on_held_out_pairs_not_on_all_pairs():
+    table, choice = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, HELD_OUT, torch.full((N_IMG, 4), 0.25))
+    # the data does what it says: on all pairs "others_win" is better, on the held-out ones the other
+    assert row(table, "others_win", "all pairs", "plain")["R@1"] == pytest.approx(8 / 12)
+    assert row(table, "held_out_wins", "all pairs", "plain")["R@1"] == pytest.approx(4 / 12)
+    assert row(table, "held_out_wins", "held-out pairs (choice)", "region re-rank")["R@1"] == 1.0
+    assert row(table, "others_win", "held-out pairs (choice)", "region re-rank")["R@1"] == 0.0
+    assert choice["embedding"] == "held_out_wins"  # a choice on all pairs would leak: "others_win"
+
+
+def test_evaluate_i2i_choice_ignores_every_pair_outside_choose_on():
+    feats = {"a": random_unit(N_IMG, 16, 7), "b": FEATS["held_out_wins"], "c": random_unit(N_IMG, 16, 8)}
+    region = torch.softmax(torch.from_numpy(np.random.default_rng(9).standard_normal((N_IMG, 4)) * 4).float(), dim=1)
+    table, choice = evaluate_i2i(feats, IDS, range(N_IMG), RELEVANT, HELD_OUT, region)
+    held = table[table.pairs == "held-out pairs (choice)"].reset_index(drop=True)
+    for seed in range(4):  # other queries' partners re-drawn: nothing chosen changes
+        rng = np.random.default_rng(seed)
+        other_rel = RELEVANT[:4] + [set(rng.choice(N_IMG, 2, replace=False).tolist()) - {q} for q in range(4, N_IMG)]
+        table2, choice2 = evaluate_i2i(feats, IDS, range(N_IMG), other_rel, HELD_OUT, region)
+        assert choice2 == choice
+        assert table2[table2.pairs == "held-out pairs (choice)"].reset_index(drop=True).equals(held)
+
+
+def test_evaluate_i2i_without_held_out_pairs_chooses_on_all_pairs_and_says_so():
+    table, choice = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, [], torch.full((N_IMG, 4), 0.25))
+    assert choice["embedding"] == "others_win"  # the best on all pairs
+    assert "all 12 pairs" in choice["chosen_on"] and "none held out" in choice["chosen_on"]
+    labels = set(table.pairs)
+    assert len(labels) == 1 and not any("held-out" in p for p in labels)
+    (label,) = labels
+    assert label.startswith("all pairs") and "choice" in label
+    assert (table.n == N_IMG).all() and len(table) == 2 * 2  # 2 embeddings x (plain, re-ranked)
+
+
+def test_evaluate_i2i_with_no_queries_returns_an_empty_table_and_a_default_choice():
+    table, choice = evaluate_i2i(FEATS, IDS, [], [], [], torch.full((N_IMG, 4), 0.25))
+    assert isinstance(table, pd.DataFrame) and table.empty
+    assert choice["embedding"] == "others_win" and choice["beta"] == 0.0 and choice["chosen_on"]
+
+
+def test_evaluate_i2i_without_regions_does_not_rerank():
+    table, choice = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, HELD_OUT, None)
+    assert choice["beta"] == 0.0 and (table.beta == 0.0).all()
+    metrics = ["R@1", "R@5", "R@10", "MRR"]
+    plain = table[table.ranking == "plain"].reset_index(drop=True)
+    reranked = table[table.ranking == "region re-rank"].reset_index(drop=True)
+    assert plain[metrics].equals(reranked[metrics])
+    assert choice["embedding"] == "held_out_wins"
+
+
+# ----------------------------------------------------------------------------------- Track 3
+
+
+def test_description_queries_split_dedupe_and_collect_images():
+    descriptions = [
+        "The tympanic membrane is intact\r\nno discharge",
+        "No  discharge.\n",
+        "",
+        "A spur on the septum\r\n  the tympanic membrane is intact ",
+        "no discharge;\rA spur on the septum",
+    ]
+    queries, relevant = description_queries(descriptions)
+    assert queries == ["The tympanic membrane is intact", "no discharge", "A spur on the septum"]  # first spelling
+    assert relevant == [{0, 3}, {0, 1, 4}, {3, 4}]
+    assert split_finding_lines("a\r\n\r\nb\rc\n") == ["a", "b", "c"]
+    assert description_queries([]) == ([], []) and description_queries(["", "  "]) == ([], [])
+
+
+def t2i_table(pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame({"text": [t for t, _ in pairs], "file": [p for _, p in pairs], "path": [f"/d/{p}" for _, p in pairs],
+                         "source": "train"})
+
+
+def test_caption_queries_point_at_their_images_in_the_gallery():
+    t2i = t2i_table([("Ear wax", "c.png"), ("Septal spur", "z.png"), ("Nasal polyp", "a.png")])
+    gallery = ["/d/a.png", "/d/b.png", "/d/c.png"]
+    queries, relevant = caption_queries(t2i, gallery)
+    assert queries == ["Ear wax", "Nasal polyp"] and relevant == [{2}, {0}]  # z.png is not in the gallery
+    assert caption_queries(t2i.iloc[:0], gallery) == ([], [])
+
+
+def test_caption_queries_dedupe_captions_and_collect_every_image_carrying_one():
+    # one caption on several images (any of them answers it), one image under two spellings of a caption,
+    # a caption of two finding lines
+    t2i = t2i_table([("Nasal polyp", "a.png"), ("nasal  polyp.", "b.png"), ("Ear wax", "c.png"),
+                     ("ear wax", "c.png"), ("Pus\nRed mucosa", "d.png"), ("Septal spur", "z.png")])
+    gallery = ["/d/a.png", "/d/b.png", "/d/c.png", "/d/d.png"]
+    queries, relevant = caption_queries(t2i, gallery)
+    assert queries == ["Nasal polyp", "Ear wax", "Pus", "Red mucosa"]
+    assert relevant == [{0, 1}, {2}, {3}, {3}]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    model, _, tokenizer = utils.load_clip("tiny", CPU)
+    return model, tokenizer
+
+
+def test_text_to_image_ranks_the_gallery_by_text_cosine(tiny_clip):
+    model, tokenizer = tiny_clip
+    texts = ["ear", "a spur on the septum", "vocal cords open"]
+    text = embed_texts(model, tokenizer, texts, CPU)  # the very computation text_to_image makes
+    gallery = torch.cat([random_unit(6, text.shape[1], 0), text[[2, 0, 1]]])  # each text's own vector: rows 7, 8, 6
+    ranked = text_to_image(model, tokenizer, texts, gallery, CPU, k=4)
+    assert ranked.shape == (3, 4) and ranked.dtype == torch.long
+    assert ranked[:, 0].tolist() == [7, 8, 6]
+    sims = text.double() @ gallery.double().T
+    best = sims.sort(dim=1, descending=True).values[:, :4]
+    assert torch.allclose(sims.gather(1, ranked), best, atol=1e-5)  # the 4 highest cosines, best first
+    assert text_to_image(model, tokenizer, texts, gallery, CPU, k=20).shape == (3, 9)
+
+
+# ----------------------------------------------------------------------------------- figure
+
+
+def test_plot_retrieval_gallery_frames_hits_green_and_misses_red(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)).save(paths[-1])
+    hits = np.array([[True, False, False], [False, False, True]])
+    fig = plot_retrieval_gallery(paths[:2], [paths[2:5], paths[3:6]], hits, k=3)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 * 4
+    hexcolor = matplotlib.colors.to_hex
+    colours = [{hexcolor(s.get_edgecolor()) for s in ax.spines.values()} for ax in fig.axes]
+    assert all(len(c) == 1 for c in colours)  # the whole frame one colour
+    green, red, blue = hexcolor("tab:green"), hexcolor("tab:red"), hexcolor("tab:blue")
+    assert [c.pop() for c in colours] == [blue, green, red, red, blue, red, red, green]
+    assert all(ax.images for ax in fig.axes)
