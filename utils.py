@@ -1101,17 +1101,13 @@ def transform_id(transform: Callable | None) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
-def model_identity(model: nn.Module, n_samples: int = 64) -> str:
-    """SHA-1 of every tensor's name, shape, dtype and `n_samples` evenly spaced values: a cache identity
-    that tells pretrained models apart. A change to unsampled values (one fine-tuned weight) is not
-    seen: caches of trained models use their checkpoint's file_sha1 instead."""
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-1 of every state_dict tensor's name, shape, dtype and bytes: the identity of a model's weights
+    in cache keys and run identities (~1 s for BiomedCLIP's 196M parameters)."""
     h = hashlib.sha1()
-    for key, tensor in model.state_dict().items():
-        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(n_samples, flat.numel()), device=flat.device).long()
-            h.update(flat[idx].float().cpu().numpy().tobytes())
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -1165,7 +1161,7 @@ def embed_images(model: nn.Module, preprocess: Callable, paths: Sequence[str | o
         return encode_batches(model.encode_image, tqdm(loader, "BiomedCLIP images", mininterval=5, disable=not progress),
                               device, amp)
 
-    identity = f"clip|{model_identity(model)}|{transform_id(preprocess)}|{amp}"
+    identity = f"clip|{model_fingerprint(model)}|{transform_id(preprocess)}|{amp}"
     cache_file = None if cache_dir is None else Path(cache_dir) / f"clip_{hashlib.sha1(identity.encode()).hexdigest()[:16]}.safetensors"
     return cached_rows(content_keys(paths, content), paths, encode, cache_file, identity)
 
@@ -1676,34 +1672,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-1 of every state_dict tensor's name, shape, dtype and bytes: the initial model in a run's identity."""
-    h = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def rng_state() -> dict:
-    """Python / NumPy / torch (CPU and CUDA) RNG states as tensors, lists and ints: loadable with weights_only."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: Mapping) -> None:
-    """Restore what rng_state returned."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def dino_val_score(probs: Mapping[str, np.ndarray], labels7: np.ndarray) -> float:
     """Validation macro F1 of the decision a model's heads are reported with: all four heads -> 7 labels by
     region argmax then that region's binary head (region_then_fine), as DINOv2 and the hybrid are scored;
@@ -1754,10 +1722,11 @@ def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cf
 
     Checkpoints go to checkpoint_dir/<name>_<id>/, where <id> hashes the initial weights, the image size,
     the heads, every training and validation image's content and label, cfg and the augmentation. last.pt
-    (model, optimizer, scheduler, scaler, RNG states, history) is written atomically after every epoch,
+    (model, optimizer, scheduler, scaler, history) is written atomically after every epoch,
     best.pt whenever the score improves, config.json once. A rerun resumes an unfinished run or reuses a
-    finished one; anything else trains anew. Data order and augmentation depend only on (seed, epoch),
-    so a resumed run ends with the weights of an uninterrupted one. `gpus` > 1 splits each batch over
+    finished one; anything else trains anew. Data order, augmentation and the global RNGs (drop-path,
+    dropout) are seeded from (seed, epoch) at each epoch, so a resumed run ends with the weights of an
+    uninterrupted one. `gpus` > 1 splits each batch over
     that many GPUs (torch DataParallel: the same loss as one GPU). One progress bar, over epochs.
     """
     if cfg.epochs < 1:
@@ -1804,17 +1773,15 @@ def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cf
         for obj, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
             if state[key]:  # the scaler's is empty unless fp16
                 obj.load_state_dict(state[key])
-        set_rng_state(state["rng"])
         start, history, best_score, best_epoch = state["epoch"], state["history"], state["best_score"], state["best_epoch"]
         tqdm.write(f"train_dino: resuming {run_dir} after epoch {start}/{cfg.epochs}.")
-    else:  # the global RNGs only drive drop-path / dropout, if the backbone has any
-        seed_everything(cfg.seed)
     net = nn.DataParallel(model, device_ids=list(range(gpus))) if gpus > 1 else model
 
     bar = tqdm(total=cfg.epochs, initial=start, desc=f"DINOv2 {name}", disable=not progress)
     for epoch in range(start, cfg.epochs):
         started = time.perf_counter()
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # the data order and augmentations come from (seed, epoch) ...
+        seed_everything(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))  # ... and drop-path's
         train_loss = _train_epoch(net, train_loader, optimizer, scheduler, scaler, device, amp, weights, cfg)
         logits, labels = collect_logits(model, val_loader, device, amp)
         score = dino_val_score(task_probs(logits), labels.numpy())
@@ -1827,7 +1794,7 @@ def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cf
             atomic_save({"model": model.state_dict(), "epoch": best_epoch, "val_score": score}, best_path)
         finished = epoch + 1 == cfg.epochs or bool(cfg.patience) and epoch + 1 - best_epoch >= cfg.patience
         atomic_save({"run_id": run_id, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch + 1, "finished": finished, "history": history, "best_score": best_score,
                      "best_epoch": best_epoch}, last_path)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{score:.3f}", best=best_epoch, refresh=False)
@@ -1913,7 +1880,7 @@ def _dino_rows(model: nn.Module, paths: Sequence[str], device: torch.device, row
         mirrored = collect_logits(model, loader, device, amp, flip=True)[0] if tta_flip else None
         return rows(collect_logits(model, loader, device, amp)[0], mirrored)
 
-    identity = f"{kind}|{weights_id or model_identity(model)}|{transform_id(transform)}|{amp}|tta={tta_flip}"
+    identity = f"{kind}|{weights_id or model_fingerprint(model)}|{transform_id(transform)}|{amp}|tta={tta_flip}"
     cache_file = None if cache_dir is None else Path(cache_dir) / f"{kind}_{hashlib.sha1(identity.encode()).hexdigest()[:16]}.safetensors"
     return cached_rows(content_keys(paths, content), paths, compute, cache_file, identity)
 
