@@ -22,7 +22,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
 from utils import FINE_TASKS, LABEL_TO_COARSE, LABELS
 
-DEMO_VERSION = 3  # bump when make_demo_dataset changes, so a cached demo set is rebuilt
+DEMO_VERSION = 4  # bump when make_demo_dataset changes, so a cached demo set is rebuilt
 DEMO_NOTICE = ("SYNTHETIC DEMO DATA made by demo_data.make_demo_dataset: drawn shapes, not endoscopy. "
                "No real ENTRep image or annotation is in it; numbers on it say nothing about the method.")
 
@@ -239,8 +239,8 @@ def _write_lines(lines: Sequence[str], path: Path) -> None:
     path.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
 
 
-def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 180, n_public: int = 50,
-                      n_test: int = 40, n_i2i_pairs: int = 24, n_t2i: int = 24, n_unlisted: int = 12,
+def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 200, n_public: int = 60,
+                      n_test: int = 40, n_i2i_pairs: int = 40, n_t2i: int = 40, n_unlisted: int = 12,
                       workers: int | None = None) -> Path:
     """Write the synthetic demo set in the official layouts under out_dir and return its root.
 
@@ -277,7 +277,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 
         a, b = new_name(), new_name()
         views[a], views[b] = exam_pair(label)
         i2i[a], i2i[b] = b, a
-        for name in (a, b) if k % 2 else (a,):  # about half of the i2i images carry a cls label
+        for name in ((), (a,), (b,), (a, b))[k % 4]:  # half of the i2i images carry a cls label (ENTREP.md)
             cls[name] = views[name]["label"]
         pairs.append((a, b))
     moved = pairs[0][1]  # an i2i target that sits only in the test folder, as in the real release

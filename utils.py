@@ -18,6 +18,7 @@ Every helper takes what it uses as arguments; nothing runs at import time. Tenso
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import hashlib
 import json
@@ -175,6 +176,7 @@ PROTOTYPE_TEMPERATURE_GRID: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(101))  # hybrid confidence
 WEIGHT_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))  # soft fusion
 RERANK_BETA_GRID: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # region re-ranking boost
+FUSION_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 0.75)  # score fusion of two retrieval embeddings
 FUSION_FOLDS: int = 5  # cross-fitting folds for the fusion choice
 # A binary head's p(second label) above this picks the second label (argmax over [1 - p, p]; 0.5 -> first).
 FINE_DECISION_THRESHOLD: float = 0.5
@@ -182,6 +184,7 @@ FINE_DECISION_THRESHOLD: float = 0.5
 # Parameter values with a meaning of their own.
 SPLITS: tuple[str, ...] = ("grouped", "stratified")  # examination-grouped (default) or the paper's plain split
 RETRIEVAL_GALLERIES: tuple[str, ...] = ("test_folders", "lists", "all")  # see retrieval_gallery
+RETRIEVAL_TUNINGS: tuple[str, ...] = ("tail", "lora", "off")  # see RetrievalConfig; "off": frozen, as the paper
 
 # Submission files (ENTREP.md): each zip holds exactly one JSON at its root.
 SUBMISSIONS: dict[str, tuple[str, str]] = {
@@ -224,6 +227,9 @@ def check_params(p: Mapping[str, object]) -> None:
     need("dino_heads", lambda v: v in DINO_MODEL_SETS, f"use one of {tuple(DINO_MODEL_SETS)}")
     need("retrieval_gallery", lambda v: v in RETRIEVAL_GALLERIES, f"use one of {RETRIEVAL_GALLERIES}")
     need("dino_gpus", lambda v: v == "auto" or (is_int(v) and v >= 1), "use 'auto' or a number of GPUs >= 1")
+    need("retrieval_tuning", lambda v: v in RETRIEVAL_TUNINGS, f"use one of {RETRIEVAL_TUNINGS}")
+    need("retrieval_epochs", lambda v: is_int(v) and v >= 1, "use 1 or more epochs (10 by default)")
+    need("retrieval_lr", lambda v: is_num(v) and v > 0, "use a positive learning rate, e.g. 1e-5 (LoRA: about 1e-4)")
     need("clip_model", lambda v: v == "tiny" or str(v).startswith(("hf-hub:", "local-dir:")),
          f"use 'hf-hub:<repo>' (default {BIOMEDCLIP_HUB_ID}), 'local-dir:<folder>' or 'tiny'")
     need("dino_model", lambda v: v in ("auto", "tiny") or (v in timm.list_models("*dinov2*")),
@@ -471,6 +477,11 @@ def split_finding_lines(description: str) -> list[str]:
     """A description's finding lines (split on \\r\\n / \\n / \\r), stripped, empties dropped."""
     lines = (line.strip(" \t-\u2022") for line in re.split(r"\r\n|\r|\n", description or ""))
     return [line for line in lines if line]
+
+def finding_key(text: str) -> str:
+    """A finding line compared case-, space- and end-punctuation-insensitively (one line, one key)."""
+    return re.sub(r"\s+", " ", text.casefold()).strip(" .,;:")
+
 
 
 @dataclass
@@ -1600,12 +1611,20 @@ def dino_image_size(model: nn.Module) -> int:
     return int(getattr(model, "backbone", model).patch_embed.img_size[0])
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed that depends only on (seed, epoch): what each epoch of a resumable run draws from."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])  # uint32: fits every seeder
+
+
 class EpochSampler(Sampler):
     """Yields (index, sample seed) pairs whose order and seeds depend only on (seed, epoch): a run resumed
-    at epoch e sees exactly the batches and augmentations of an uninterrupted run. set_epoch first."""
+    at epoch e sees exactly the batches and augmentations of an uninterrupted run. set_epoch first.
+    With `groups` (one id per item), the members of a group come one after another (groups in random
+    order), so contrastive batches hold positives."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, groups: Sequence | None = None):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.groups = None if groups is None else torch.as_tensor(np.unique(np.asarray(groups), return_inverse=True)[1])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -1614,9 +1633,11 @@ class EpochSampler(Sampler):
         return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state))
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order, seeds = torch.randperm(self.n, generator=generator), torch.randint(0, 2**62, (self.n,), generator=generator)
+        if self.groups is not None:
+            group_rank = torch.randperm(int(self.groups.max()) + 1, generator=generator)[self.groups[order]]
+            order = order[torch.sort(group_rank, stable=True).indices]
         return iter(zip(order.tolist(), seeds.tolist()))
 
 
@@ -1714,6 +1735,14 @@ def _load(path: Path) -> dict | None:
         return None
 
 
+def _resume_state(run_dir: Path, run_id: str) -> tuple[dict | None, dict | None]:
+    """(last.pt, best.pt) of an earlier run of this identity when both load; else (None, None): no run, or
+    one whose weights are lost, is trained from the start."""
+    last = _load(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
+    best = _load(run_dir / "best.pt") if last is not None else None
+    return (last, best) if best is not None and last.get("run_id") == run_id else (None, None)
+
+
 def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cfg: DinoConfig, *,
                checkpoint_dir: str | os.PathLike, device: torch.device, name: str = "dino", num_workers: int = 0,
                gpus: int = 1, progress: bool = True) -> TrainedDino:
@@ -1744,10 +1773,7 @@ def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cf
     run_id = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     run_dir = Path(checkpoint_dir) / f"{name}_{run_id[:12]}"
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    state = _load(last_path) if last_path.exists() else None
-    best = _load(best_path) if state is not None else None
-    if best is None or state.get("run_id") != run_id:
-        state = best = None  # no run, or one whose best weights are lost: trained from the start
+    state, best = _resume_state(run_dir, run_id)
     if state is not None and state["finished"]:
         tqdm.write(f"train_dino: reusing finished run {run_dir} (best epoch {state['best_epoch']}).")
         model.load_state_dict(best["model"])
@@ -1781,7 +1807,7 @@ def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cf
     for epoch in range(start, cfg.epochs):
         started = time.perf_counter()
         sampler.set_epoch(epoch)  # the data order and augmentations come from (seed, epoch) ...
-        seed_everything(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))  # ... and drop-path's
+        seed_everything(epoch_seed(cfg.seed, epoch))  # ... and drop-path's
         train_loss = _train_epoch(net, train_loader, optimizer, scheduler, scaler, device, amp, weights, cfg)
         logits, labels = collect_logits(model, val_loader, device, amp)
         score = dino_val_score(task_probs(logits), labels.numpy())
@@ -2277,7 +2303,7 @@ def cosine_topk(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, 
             same = q_codes[start:start + block, None] == g_codes[None, :]
             sim.masked_fill_(same, float("-inf"))
         s, i = torch.sort(sim, dim=1, descending=True, stable=True)
-        scores.append(s[:, :k])
+        scores.append(s[:, :k].clone())  # a view would keep the block's whole sorted matrix alive
         indices.append(i[:, :k].masked_fill(s[:, :k] == float("-inf"), -1))
     return torch.cat(scores), torch.cat(indices)
 
@@ -2312,15 +2338,23 @@ def retrieval_hits(ranked: torch.Tensor | np.ndarray, relevant: Sequence[Iterabl
     return np.array([[int(g) in set(r) for g in row] for row, r in zip(ranked, relevant)], dtype=bool).reshape(ranked.shape)
 
 
-def retrieval_metrics(ranked: torch.Tensor | np.ndarray, relevant: Sequence[Iterable[int]],
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(ranked: torch.Tensor | np.ndarray, relevant: Sequence[Iterable[int]], ks: Sequence[int] = (1, 5, 10),
+                      n_boot: int = 0, seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
     """Recall@k (a relevant item in the top k; a query with none counts as a miss) and MRR (1 / rank of
-    the first relevant item, 0 when it is not in the ranking) over the queries."""
+    the first relevant item, 0 when it is not in the ranking) over the queries. With n_boot, each metric
+    also gets `_low` / `_high`: the percentile bootstrap interval over queries resampled with replacement
+    (resamples depend only on (seed, number of queries): paired across embeddings)."""
     hits = retrieval_hits(ranked, relevant)
     if not len(hits):
         return {**{f"R@{k}": float("nan") for k in ks}, "MRR": float("nan")}
-    first = 1.0 / np.where(hits, np.arange(1, hits.shape[1] + 1), np.inf).min(1, initial=np.inf)  # 0: no hit
-    return {**{f"R@{k}": float(hits[:, :k].any(1).mean()) for k in ks}, "MRR": float(first.mean())}
+    per_query = {f"R@{k}": hits[:, :k].any(1).astype(float) for k in ks}  # (Q,) each
+    per_query["MRR"] = 1.0 / np.where(hits, np.arange(1, hits.shape[1] + 1), np.inf).min(1, initial=np.inf)  # 0: no hit
+    out = {m: float(v.mean()) for m, v in per_query.items()}
+    if n_boot:
+        idx = np.random.default_rng(seed).integers(0, len(hits), size=(n_boot, len(hits)))  # (B, Q)
+        for m, v in per_query.items():
+            out[f"{m}_low"], out[f"{m}_high"] = np.quantile(v[idx].mean(1), [alpha / 2, 1 - alpha / 2]).tolist()
+    return out
 
 
 def choose_rerank_beta(scores: torch.Tensor, indices: torch.Tensor, query_region: torch.Tensor,
@@ -2331,6 +2365,15 @@ def choose_rerank_beta(scores: torch.Tensor, indices: torch.Tensor, query_region
                                                                               gallery_region, beta)[1], relevant, (1, 5))}
                           for beta in sorted(RERANK_BETA_GRID)])
     return float(table.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]["beta"]), table
+
+
+def held_out_images(data: EntrepData, train_paths: Iterable[str], val_paths: Iterable[str]) -> set[str]:
+    """The images retrieval is validated on, fixed before any training: the validation images and both
+    images of every i2i pair that touches no training image (pairs stay whole: the split keeps a pair's
+    labelled images on one side, and unlabelled pair images are in neither). No model trains on them."""
+    seen = set(train_paths)
+    pairs = [(q, m) for q, m in zip(data.i2i["query_path"], data.i2i["match_path"]) if not {q, m} & seen]
+    return set(val_paths) | {p for pair in pairs for p in pair}
 
 
 def i2i_eval_set(i2i: pd.DataFrame, distractors: Sequence[str] = ()) -> tuple[list[str], list[int], list[set[int]]]:
@@ -2365,8 +2408,8 @@ def evaluate_i2i(feats: Mapping[str, torch.Tensor], ids: Sequence[str], query_ro
     ids, so no query finds itself), plain and region re-ranked (region [G, 4], beta by choose_rerank_beta).
     The re-ranking boost and then the embedding (by R@1, then MRR) are chosen on the queries at positions
     `choose_on`: pairs no model trained on where there are any, else all pairs, which the table and the
-    choice then say. Returns (table: embedding, pairs, ranking, beta, n, R@1, R@5, R@10, MRR;
-    choice: embedding, beta, chosen_on)."""
+    choice then say. Returns (table: embedding, pairs, ranking, beta, n, R@1, R@5, R@10, MRR, each with
+    its 95% bootstrap _low / _high; choice: embedding, beta, chosen_on)."""
     queries = list(query_rows)
     if not queries:
         return pd.DataFrame(), {"embedding": next(iter(feats)), "beta": 0.0,
@@ -2374,7 +2417,7 @@ def evaluate_i2i(feats: Mapping[str, torch.Tensor], ids: Sequence[str], query_ro
     held_out = bool(len(choose_on))
     choose_on = list(choose_on) if held_out else list(range(len(queries)))
     subsets = {"held-out pairs (choice)": choose_on} if held_out else {}
-    subsets["all pairs" + ("" if held_out else " (choice; includes images DINOv2 trained on)")] = list(range(len(queries)))
+    subsets["all pairs" + ("" if held_out else " (choice; includes pairs a model trained on)")] = list(range(len(queries)))
     rows, betas = [], {}
     for name, f in feats.items():
         scores, ranked = cosine_topk(f[queries], f, k, [ids[q] for q in queries], ids)
@@ -2385,7 +2428,7 @@ def evaluate_i2i(feats: Mapping[str, torch.Tensor], ids: Sequence[str], query_ro
         for subset, idx in subsets.items():
             for ranking, r, b in (("plain", ranked, 0.0), ("region re-rank", reranked, beta)):
                 rows.append({"embedding": name, "pairs": subset, "ranking": ranking, "beta": b, "n": len(idx),
-                             **retrieval_metrics(r[idx], [relevant[i] for i in idx])})
+                             **retrieval_metrics(r[idx], [relevant[i] for i in idx], n_boot=1000)})
     table = pd.DataFrame(rows)
     pick = table[(table["pairs"] == next(iter(subsets))) & (table["ranking"] == "region re-rank")]
     best = pick.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
@@ -2413,7 +2456,7 @@ def _finding_queries(texts: Iterable[tuple[str, int]]) -> tuple[list[str], list[
     spelling: dict[str, str] = {}
     for text, i in texts:
         for line in split_finding_lines(text):
-            key = re.sub(r"\s+", " ", line.casefold()).strip(" .,;:")
+            key = finding_key(line)
             spelling.setdefault(key, line)
             relevant.setdefault(key, set()).add(i)
     return [spelling[k] for k in relevant], list(relevant.values())
@@ -2426,12 +2469,13 @@ def text_to_image(model: nn.Module, tokenizer: Callable, texts: Sequence[str], i
 
 
 def plot_retrieval_gallery(query_paths: Sequence[str], ranked_paths: Sequence[Sequence[str]], hits: np.ndarray,
-                           k: int = 5) -> Figure:
-    """One row per query: the query (blue frame), then its top k, relevant ones framed green, others red."""
+                           k: int = 5, row_labels: Sequence[str] | None = None) -> Figure:
+    """One row per query: the query (blue frame), then its top k, relevant ones framed green, others red.
+    row_labels title each row's query (e.g. the same query twice, "frozen" then "fine-tuned")."""
     fig = Figure(figsize=(2.0 * (k + 1), 2.1 * len(query_paths)), layout="constrained")
     axes = fig.subplots(max(len(query_paths), 1), k + 1, squeeze=False)
     for q, query in enumerate(query_paths):
-        cells = [(query, "tab:blue", "query")] + [(ranked_paths[q][j], "tab:green" if hits[q][j] else "tab:red",
+        cells = [(query, "tab:blue", row_labels[q] if row_labels else "query")] + [(ranked_paths[q][j], "tab:green" if hits[q][j] else "tab:red",
                                                    f"#{j + 1}") for j in range(min(k, len(ranked_paths[q])))]
         for ax, (path, color, title) in zip(axes[q], cells):
             ax.imshow(load_thumbnail(path, 256))
@@ -2528,3 +2572,235 @@ def check_submission(zip_path: str | os.PathLike, track: str, queries: Sequence[
         raise ValueError(f"{zip_path} is not a valid submission:\n- " + "\n- ".join(problems)
                          + "\nFix the predictions and write it again; do not upload this file.")
     return mapping
+
+
+# =============================================================================================
+# 11. Learned retrieval (beyond the paper): contrastive fine-tuning of BiomedCLIP for Tracks 2 and 3
+# =============================================================================================
+
+# What follows a tower's blocks (final norms, projections) in open_clip's two layouts: its own CLIP
+# (the tiny model) and timm + Hugging Face towers (BiomedCLIP). Trained with the last blocks by "tail".
+_TOWER_TAIL = re.compile(r"^(visual\.(proj|ln_post|trunk\.norm|trunk\.fc_norm|head)|text_projection|ln_final|text\.proj)")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Contrastive fine-tuning of BiomedCLIP for retrieval (the project's recipe: the paper froze its
+    embeddings). tuning "tail" trains the last `blocks` blocks of each tower with the final norms and
+    projections; "lora" trains LoRA adapters of rank `lora_rank` (peft) on those blocks' linear layers.
+    The loss is multi-positive InfoNCE at `temperature`: text -> image and image -> text over the batch's
+    finding lines (a line is positive for every image carrying it, never a negative), and image -> image
+    over two augmented views per image (DINO_TRAIN_AUGMENT; either view mirrored at mirror_p: a mirrored
+    view shows the same site, though another class), whose positives are the views of its group (i2i
+    partners, one examination's images). AdamW at lr with warmup + cosine, autocast; a fixed number of
+    epochs, no epoch chosen on held-out data (it stays untouched for the evaluation)."""
+
+    tuning: str = "tail"
+    blocks: int = 2
+    lora_rank: int = 8
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    temperature: float = 0.05
+    mirror_p: float = 0.5
+    amp: str = "auto"
+    seed: int = 0
+
+
+def retrieval_training_set(data: EntrepData, exclude: Iterable[str], class_texts: bool = True) -> pd.DataFrame:
+    """The supervision the data holds for learning retrieval, without the `exclude`d (held-out) images:
+    one row per labelled or annotated image: path, sha1, group (images linked by an i2i pair, one
+    examination or identical bytes share it: split_groups), texts (its t2i captions, the finding lines of
+    its English description and, with class_texts, its label's prompts in the paper diagram's template)."""
+    texts: dict[str, list[str]] = defaultdict(list)
+    for text, path in zip(data.t2i["text"], data.t2i["path"]):
+        texts[path].append(text)
+    for path, description, label in zip(data.images["path"], data.images["description_en"], data.images["label"]):
+        texts[path] += split_finding_lines(description)
+        texts[path] += [PROMPT_TEMPLATES[0].format(t) for t in FINE_CLASS_TEXTS[label]] if class_texts else []
+    paths = sorted((set(data.images["path"]) | set(data.i2i["query_path"]) | set(data.i2i["match_path"])
+                    | set(data.t2i["path"])) - set(exclude))
+    frame = pd.DataFrame({"path": paths, "file": [Path(p).name for p in paths], "sha1": [data.sha1[p] for p in paths]})
+    return frame.assign(group=split_groups(frame, data.i2i), texts=[sorted(set(texts[p])) for p in paths])
+
+
+def multi_positive_nce(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """InfoNCE where a row may have several positives: the mean, over rows with any, of
+    -log(sum exp(sim) over the row's positives / sum exp(sim) over the row). sim [A, B] (already divided by
+    the temperature; -inf excludes a pair), positive [A, B] bool."""
+    rows = positive.any(1)
+    if not rows.any():
+        return sim.masked_fill(torch.isinf(sim), 0).sum() * 0.0  # keeps the graph whole
+    sim, positive = sim[rows].float(), positive[rows]
+    return (torch.logsumexp(sim, 1) - torch.logsumexp(sim.masked_fill(~positive, float("-inf")), 1)).mean()
+
+
+class TwoViews(SquareImages):
+    """SquareImages (flip_p = the mirror probability) giving two augmented views of each image:
+    key (index, seed) -> (view, view, index, seed)."""
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        index, seed = key
+        return super().__getitem__((index, seed))[0], super().__getitem__((index, seed + 1))[0], index, seed
+
+
+def _tower_blocks(model: nn.Module, n: int) -> list[str]:
+    """Names of the last n blocks of each tower (open_clip: resblocks; timm: blocks, an nn.Sequential;
+    Hugging Face: layer)."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
+             and name.rsplit(".", 1)[-1] in ("resblocks", "blocks", "layer")]
+    return [f"{name}.{i}" for name, m in lists for i in range(max(len(m) - n, 0), len(m))]
+
+
+def make_tunable(model: nn.Module, cfg: RetrievalConfig) -> list[str]:
+    """Freeze `model` except what cfg.tuning trains; returns the trainable parameter names. "lora" wraps the
+    last blocks' linear layers with peft's LoRA (an attention's packed out_proj, read directly by
+    nn.MultiheadAttention, is left alone)."""
+    blocks = tuple(f"{b}." for b in _tower_blocks(model, cfg.blocks))
+    if cfg.tuning == "lora":
+        from peft import LoraConfig, inject_adapter_in_model  # only this tuning needs peft
+
+        targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(blocks)
+                   and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.MultiheadAttention)]
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets), model)
+    elif cfg.tuning != "tail":
+        raise ValueError(f"retrieval tuning {cfg.tuning!r}: use one of {RETRIEVAL_TUNINGS[:2]} (or 'off' to skip it).")
+    for name, p in model.named_parameters():
+        p.requires_grad = ("lora_" in name) if cfg.tuning == "lora" else (name.startswith(blocks) or bool(_TOWER_TAIL.match(name)))
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@dataclass
+class TunedCLIP:
+    """A contrastively fine-tuned copy of a CLIP model, where its trained weights are, and the history."""
+
+    model: nn.Module
+    path: Path
+    history: pd.DataFrame
+
+
+def train_retrieval(model: nn.Module, tokenizer: Callable, preprocess: Callable, train: pd.DataFrame,
+                    cfg: RetrievalConfig, *, checkpoint_dir: str | os.PathLike, device: torch.device,
+                    num_workers: int = 0, progress: bool = True) -> TunedCLIP:
+    """Fine-tune a copy of `model` (the original is left as it is) for retrieval with cfg on `train`
+    (retrieval_training_set). Checkpoints as train_dino's: checkpoint_dir/retrieval_<id>/, <id> over the
+    model's weights, the images' content, groups and texts, and cfg; last.pt every epoch (trainable
+    weights, optimizer, scheduler, scaler, history), best.pt = the weights to use (the last epoch's). A rerun
+    resumes or reuses; a resumed run ends with the weights of an uninterrupted one. One bar, over epochs."""
+    if cfg.epochs < 1 or len(train) < 2:
+        raise ValueError(f"retrieval fine-tuning needs epochs >= 1 and two or more images; got {cfg.epochs} and {len(train)}.")
+    size = model.visual.image_size  # open_clip keeps an int or a (height, width) pair
+    amp, size = resolve_amp(cfg.amp, device), int(size[0] if isinstance(size, (tuple, list)) else size)
+    identity = {"model": model_fingerprint(model), "config": {**asdict(cfg), "amp": str(amp)},
+                "train": [[s, int(g), t] for s, g, t in zip(train["sha1"], train["group"], train["texts"])],
+                "augment": {k: str(v) for k, v in DINO_TRAIN_AUGMENT.items()}}
+    run_id = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    run_dir = Path(checkpoint_dir) / f"retrieval_{run_id[:12]}"
+    tuned = copy.deepcopy(model).to(device)
+    trainable = make_tunable(tuned, cfg)
+    state, best = _resume_state(run_dir, run_id)
+    if state is not None and state["finished"]:
+        tqdm.write(f"train_retrieval: reusing finished run {run_dir}.")
+        tuned.load_state_dict(best["model"], strict=False)
+        return TunedCLIP(tuned.eval(), run_dir / "best.pt", pd.DataFrame(state["history"]))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"run_id": run_id, **identity}, indent=1))
+    a = DINO_TRAIN_AUGMENT
+    normalize = next(t for t in preprocess.transforms if isinstance(t, T.Normalize))  # the model's own mean / std
+    transform = T.Compose([T.RandomRotation(a["rotate_degrees"], interpolation=T.InterpolationMode.BILINEAR, fill=0),
+                           T.RandomResizedCrop(size, scale=a["scale"], ratio=a["ratio"], interpolation=T.InterpolationMode.BICUBIC),
+                           T.ColorJitter(a["color_jitter"], a["color_jitter"], a["color_jitter"]), T.ToTensor(), normalize])
+    views = TwoViews(train["path"].tolist(), None, transform, math.ceil(size * TRAIN_CACHE_SCALE), cfg.mirror_p)
+    sampler = EpochSampler(len(views), cfg.seed, groups=train["group"].tolist())
+    loader = _loader(views, cfg.batch_size, num_workers, device, sampler=sampler, drop_last=len(views) > cfg.batch_size)
+    groups = torch.tensor(train["group"].to_numpy())
+    texts = [list(t) for t in train["texts"]]
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+        step, round(cfg.warmup_epochs * len(loader)), cfg.epochs * len(loader)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    start, history = 0, []
+    if state is not None:
+        tuned.load_state_dict(state["model"], strict=False)
+        for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+            if state[key]:
+                obj.load_state_dict(state[key])
+        start, history = state["epoch"], state["history"]
+        tqdm.write(f"train_retrieval: resuming {run_dir} after epoch {start}/{cfg.epochs}.")
+
+    bar = tqdm(total=cfg.epochs, initial=start, desc=f"retrieval ({cfg.tuning})", disable=not progress)
+    for epoch in range(start, cfg.epochs):
+        started, total = time.perf_counter(), 0.0
+        sampler.set_epoch(epoch)
+        seed_everything(epoch_seed(cfg.seed, epoch))
+        tuned.train()
+        for first, second, index, seed in loader:
+            with autocast(device, amp):
+                loss = _retrieval_loss(tuned, tokenizer, first.to(device), second.to(device), groups[index].to(device),
+                                       [texts[i][s % len(texts[i])] if texts[i] else None for i, s in zip(index.tolist(), seed.tolist())],
+                                       [texts[i] for i in index.tolist()], cfg.temperature, device)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            total += loss.item()
+        history.append({"epoch": epoch + 1, "train_loss": total / max(len(loader), 1), "seconds": time.perf_counter() - started})
+        weights = {k: v for k, v in tuned.state_dict().items() if k in set(trainable)}
+        atomic_save({"model": weights, "epoch": epoch + 1}, run_dir / "best.pt")
+        atomic_save({"run_id": run_id, "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "finished": epoch + 1 == cfg.epochs,
+                     "history": history}, run_dir / "last.pt")
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return TunedCLIP(tuned.eval(), run_dir / "best.pt", pd.DataFrame(history))
+
+
+def _retrieval_loss(model: nn.Module, tokenizer: Callable, first: torch.Tensor, second: torch.Tensor, groups: torch.Tensor,
+                    chosen: Sequence[str | None], carried: Sequence[Sequence[str]], temperature: float,
+                    device: torch.device) -> torch.Tensor:
+    """One batch's loss (RetrievalConfig): image -> image over the two views of B images, positives = the
+    other views of the same group; then text <-> image over the distinct finding lines chosen for the
+    batch (`chosen`: one per image, or None), an image positive for every line it carries (`carried`)."""
+    views = F.normalize(model.encode_image(torch.cat([first, second])).float(), dim=-1)  # (2B, D)
+    g = groups.repeat(2)
+    eye = torch.eye(len(g), dtype=torch.bool, device=device)
+    sim = (views @ views.T / temperature).masked_fill(eye, float("-inf"))
+    loss = multi_positive_nce(sim, (g[:, None] == g[None, :]) & ~eye)
+    keys = list(dict.fromkeys(finding_key(t) for t in chosen if t))
+    if keys:
+        spelling = {finding_key(t): t for t in chosen if t}
+        text = F.normalize(model.encode_text(tokenizer([spelling[k] for k in keys]).to(device)).float(), dim=-1)  # (K, D)
+        carries = torch.tensor([[k in {finding_key(t) for t in mine} for mine in carried] for k in keys], device=device)
+        sim_t = text @ views[:len(first)].T / temperature  # (K, B)
+        loss = loss + multi_positive_nce(sim_t, carries) + multi_positive_nce(sim_t.T, carries.T)
+    return loss
+
+
+def fuse_embeddings(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Score fusion as one embedding: [sqrt(w) a, sqrt(1 - w) b] of unit rows is a unit row whose cosine
+    with another is w * cosine_a + (1 - w) * cosine_b. [N, Da + Db]."""
+    return torch.cat([math.sqrt(weight) * a, math.sqrt(1.0 - weight) * b], dim=1)
+
+
+def evaluate_t2i(models: Mapping[str, tuple[nn.Module, FeatureTable]], tokenizer: Callable,
+                 query_sets: Mapping[str, tuple[Sequence[str], Sequence[set[int]], Sequence[str]]],
+                 device: torch.device) -> tuple[pd.DataFrame, dict]:
+    """Track 3 on held-out queries, per candidate {name: (CLIP model, its image FeatureTable)} and query set
+    {name: (texts, relevant gallery rows, gallery paths)}: R@1 / R@5 / R@10 / MRR with bootstrap intervals.
+    The model is chosen on the first query set that has queries (R@1, then MRR); with none, the first
+    model, said so. Returns (table: queries, model, n, gallery, metrics; choice: model, chosen_on)."""
+    rows = [{"queries": q, "model": name, "n": len(texts), "gallery": len(paths),
+             **retrieval_metrics(text_to_image(model, tokenizer, texts, table[paths], device), relevant, n_boot=1000)}
+            for q, (texts, relevant, paths) in query_sets.items() if len(texts) for name, (model, table) in models.items()]
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table, {"model": next(iter(models)), "chosen_on": "no held-out captions or finding lines: the first model"}
+    first = table[table["queries"] == table["queries"].iloc[0]]
+    best = first.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
+    return table, {"model": best["model"], "chosen_on": f"{best['n']} held-out {best['queries']}"}

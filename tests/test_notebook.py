@@ -107,9 +107,15 @@ def test_demo_run_writes_every_result(demo_runs):
     assert set(metrics["comparison_coarse"]) == {"prototypes (4-way gate)", "DINOv2", "hybrid", "soft fusion"}
     assert 0.0 <= metrics["hybrid"]["threshold"] <= 1.0
     assert abs(metrics["split"]["val_fraction_achieved"] - metrics["split"]["val_fraction_asked"]) < 0.05
-    i2i = metrics["retrieval"]["i2i"]
-    assert {"R@1", "R@5", "MRR"} <= set(i2i["table"][0]) and "pairs" in i2i["chosen_on"] and i2i["distractors"] > 0
-    assert [row["queries"] for row in metrics["retrieval"]["t2i"]["table"]] == ["t2i captions", "public description lines"]
+    i2i, t2i = metrics["retrieval"]["i2i"], metrics["retrieval"]["t2i"]
+    assert {"R@1", "R@1_low", "R@1_high", "R@5", "MRR"} <= set(i2i["table"][0]) and i2i["distractors"] > 0
+    assert "held-out pairs" in i2i["chosen_on"]
+    embeddings = {row["embedding"] for row in i2i["table"]}
+    assert {"biomedclip", "biomedclip tuned", "dinov2", "biomedclip tuned + dinov2 0.5"} <= embeddings
+    assert {(row["queries"], row["model"]) for row in t2i["table"]} == {
+        (q, m) for q in ("finding lines", "captions (their own image)") for m in ("biomedclip", "biomedclip tuned")}
+    assert t2i["model"] in ("biomedclip", "biomedclip tuned") and "held-out finding lines" in t2i["chosen_on"]
+    assert metrics["timings_s"]["retrieval_tuning_s"] > 0
     assert len(metrics["val_predictions"]["hybrid"]) == metrics["split"]["val"]
     assert metrics["data"]["retrieval_gallery"]["unlisted"] > 0
 
@@ -140,7 +146,7 @@ def test_saved_notebook_reads_cleanly(demo_runs):
 
 def test_rerun_reuses_caches_and_checkpoint_and_repeats_the_results(demo_runs):
     out, first, second, _, log, submissions, caches = demo_runs
-    assert "reusing finished run" in log
+    assert "train_dino: reusing finished run" in log and "train_retrieval: reusing finished run" in log
     assert cache_files(out) == caches  # nothing re-encoded or re-predicted
     assert second["val_predictions"] == first["val_predictions"]
     assert second["hybrid"]["threshold"] == first["hybrid"]["threshold"]
@@ -171,5 +177,6 @@ def test_paper_protocol_trains_four_separate_models(tmp_path):
     assert len({Path(m["checkpoint"]).parent for m in models.values()}) == 4
     assert metrics["split"]["method"] == "stratified" and metrics["params"]["flip_swap"] is False
     assert metrics["params"]["tta_flip"] is False and set(metrics["comparison_fine"]) >= {"DINOv2", "hybrid"}
-    assert "dinov2" in {row["embedding"] for row in metrics["retrieval"]["i2i"]["table"]}
+    embeddings = {row["embedding"] for row in metrics["retrieval"]["i2i"]["table"]}
+    assert "dinov2" in embeddings and "biomedclip tuned" not in embeddings  # frozen embeddings, as the paper
     assert (tmp_path / "submission.zip").exists()
