@@ -1847,17 +1847,25 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
             loss = multitask_loss(net(x), y, weights)
         scaler.scale(loss / group).backward()
         if (i + 1) % cfg.grad_accum == 0 or i + 1 == n:
-            if cfg.max_grad_norm:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.get_scale() >= scale:  # fp16 skips a step on inf/NaN gradients (lowering the scale):
-                scheduler.step()  # the schedule then waits for the optimizer, as transformers' Trainer does
+            optimizer_step(optimizer, scheduler, scaler, cfg.max_grad_norm)
         total += loss.item()
     return total / max(n, 1)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   scaler: torch.amp.GradScaler, max_grad_norm: float | None = None) -> None:
+    """Clip (optional), step and zero the gradients through the GradScaler, then the schedule, unless fp16
+    skipped the step on inf/NaN gradients (the scale then drops): the schedule waits for the optimizer, as
+    transformers' Trainer does, and torch never warns of a scheduler step before the optimizer's."""
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if scaler.get_scale() >= scale:
+        scheduler.step()
 
 
 def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device, amp: torch.dtype | None,
@@ -2744,10 +2752,7 @@ def train_retrieval(model: nn.Module, tokenizer: Callable, preprocess: Callable,
                                        [texts[i][s % len(texts[i])] if texts[i] else None for i, s in zip(index.tolist(), seed.tolist())],
                                        [texts[i] for i in index.tolist()], cfg.temperature, device)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(optimizer, scheduler, scaler)
             total += loss.item()
         history.append({"epoch": epoch + 1, "train_loss": total / max(len(loader), 1), "seconds": time.perf_counter() - started})
         weights = {k: v for k, v in tuned.state_dict().items() if k in set(trainable)}

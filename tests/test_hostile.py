@@ -17,7 +17,7 @@ import utils
 
 QUERY_TEXTS = ['a spur on the septum', 'he said "open", then closed', 'polyp, left side', 'viêm họng cấp',
                'two\nlines', '  leading and trailing spaces  ']
-FAST = dict(epochs=2, image_size=42)  # tiny models, few epochs: these runs test the plumbing, not accuracy
+FAST = dict(epochs=2, image_size=42, retrieval_epochs=2)  # tiny models, few epochs: these runs test the plumbing
 
 
 def _convert(src: Path, dst: Path, mode: str) -> str:

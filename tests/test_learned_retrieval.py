@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import math
 import shutil
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -737,3 +739,16 @@ def test_retrieval_metrics_bootstrap_interval_contains_the_estimate_is_seeded_an
     for m in ("R@5", "R@10", "MRR"):
         assert many[m] == pytest.approx(boot[m])
         assert many[f"{m}_high"] - many[f"{m}_low"] < 0.5 * (boot[f"{m}_high"] - boot[f"{m}_low"])
+
+
+def test_fp16_tuning_steps_the_schedule_only_with_the_optimizer(tiny_clip, train_frame, tmp_path):
+    """fp16 (a T4's autocast) trains through a GradScaler; a step it skips on inf/NaN gradients must not
+    advance the schedule (torch warns "lr_scheduler.step() before optimizer.step()" when it does)."""
+    model, preprocess, tokenizer = tiny_clip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the scheduler warning is a UserWarning
+        tuned = train_retrieval(model, tokenizer, preprocess, train_frame, replace(FAST, amp="fp16", epochs=2),
+                                checkpoint_dir=tmp_path, device=CPU, progress=False)
+    assert np.isfinite(tuned.history["train_loss"]).all()
+    last = torch.load(next(tmp_path.glob("retrieval_*")) / "last.pt", weights_only=True)
+    assert last["scaler"] and last["scheduler"]["last_epoch"] <= 2 * math.ceil(len(train_frame) / FAST.batch_size)
