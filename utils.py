@@ -478,10 +478,10 @@ def split_finding_lines(description: str) -> list[str]:
     lines = (line.strip(" \t-\u2022") for line in re.split(r"\r\n|\r|\n", description or ""))
     return [line for line in lines if line]
 
+
 def finding_key(text: str) -> str:
     """A finding line compared case-, space- and end-punctuation-insensitively (one line, one key)."""
     return re.sub(r"\s+", " ", text.casefold()).strip(" .,;:")
-
 
 
 @dataclass
@@ -922,7 +922,8 @@ def split_train_val(images: pd.DataFrame, i2i: pd.DataFrame, val_fraction: float
     if split != "grouped":
         raise ValueError(f"split={split!r}: use one of {SPLITS}.")
     # the fewest folds whose m / k is val_fraction to within 1%: fewer, larger folds stratify each class better
-    k = min(range(2, 21), key=lambda k: (round(abs(max(1, round(val_fraction * k)) / k - val_fraction), 2), k))
+    share = lambda k: min(max(1, round(val_fraction * k)), k - 1) / k  # m / k as the split below takes it
+    k = min(range(2, 21), key=lambda k: (round(abs(share(k) - val_fraction), 2), k))
     folds = grouped_fold_ids(labels, split_groups(images, i2i), n_splits=k, seed=seed)
     k = folds.max() + 1
     if k < 2:
@@ -2131,7 +2132,8 @@ def _ids(y, name: str, n_classes: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} must hold integer class ids; got dtype {a.dtype}.")
     a = a.astype(np.int64)
     if a.size and (a.min() < 0 or (n_classes is not None and a.max() >= n_classes)):
-        raise ValueError(f"{name} ids must be in 0..{(n_classes or 1) - 1}; got {a.min()}..{a.max()}.")
+        allowed = "non-negative" if n_classes is None else f"in 0..{n_classes - 1}"
+        raise ValueError(f"{name} ids must be {allowed}; got {a.min()}..{a.max()}.")
     return a
 
 

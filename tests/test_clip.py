@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -665,6 +666,98 @@ def test_fit_prototype_classifier_tries_descriptions_and_keeps_them_only_when_th
     assert clf.with_descriptions is (case == "help")  # kept only when strictly better on validation
     assert clf.table.macro_f1.max() == 1.0 and clf.weight == 0.0
     assert (clf.predict_proba(val).argmax(1) == y).all()
+
+
+def test_fit_prototypes_builds_the_region_and_label_classifiers_from_official_ids():
+    """Both levels from official label ids: "coarse" over COARSE_CLASSES, each image's findings joining its
+    region's prompts (LABEL_TO_COARSE), and "fine" over LABELS, its findings joining its label's. Here only
+    the findings tell the classes apart (class wordings and training images are uninformative), so each
+    level reaches macro F1 1 only if its findings went to the right class."""
+    e = torch.eye(16)  # e[4 + l]: label l's findings and validation images; e14: training images; e15: other text
+    train_y7, val_y7 = np.arange(14) % 7, np.repeat(np.arange(7), 3)
+    lines = {lab: [f"finding {lab} {k}" for k in range(2)] for lab in LABELS}
+    model = TableText({line: e[4 + LABELS.index(lab)] for lab in LABELS for line in lines[lab]}, default=e[15])
+    descriptions = ["\n".join(lines[LABELS[y]]) for y in train_y7]
+    val = F.normalize(e[4 + torch.as_tensor(val_y7)] + 0.05 * torch.randn(21, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    train = e[14].expand(14, 16)
+    fitted = utils.fit_prototypes(model, model.tokenize, CPU, train, train_y7, val, val_y7, descriptions)
+    assert set(fitted) == {"coarse", "fine"}
+    coarse, fine = fitted["coarse"], fitted["fine"]
+    assert coarse.class_names == COARSE_CLASSES and fine.class_names == LABELS
+    assert coarse.with_descriptions and fine.with_descriptions
+    assert coarse.table.macro_f1.max() == 1.0 and fine.table.macro_f1.max() == 1.0
+    assert coarse.predict_proba(val).argmax(1).tolist() == utils.coarse_of(val_y7).tolist()
+    assert fine.predict_proba(val).argmax(1).tolist() == val_y7.tolist()
+    names = [LABELS[y] for y in train_y7]  # the same computation by hand: equal exactly
+    ref_coarse = fit_prototype_classifier(model, model.tokenize, CPU, train, utils.coarse_of(train_y7), val,
+                                          utils.coarse_of(val_y7), COARSE_CLASSES, COARSE_CLASS_TEXTS, names,
+                                          descriptions, LABEL_TO_COARSE)
+    ref_fine = fit_prototype_classifier(model, model.tokenize, CPU, train, train_y7, val, val_y7, LABELS,
+                                        FINE_CLASS_TEXTS, names, descriptions)
+    for got, ref in ((coarse, ref_coarse), (fine, ref_fine)):
+        assert torch.equal(got.protos, ref.protos)
+        assert (got.weight, got.temperature) == (ref.weight, ref.temperature)
+
+
+def test_choose_prototype_weight_scores_every_class_even_one_absent_from_validation():
+    # 4 classes; validation holds classes 0 and 1 only, one class-1 image looks like class 2, class 3 is
+    # neither true nor predicted: it counts in macro F1 as 0, and the log loss is still defined
+    protos = torch.eye(4, 8)
+    feats = F.normalize(torch.eye(4, 8)[[0, 0, 1, 2]] + 0.1, dim=1)
+    labels = [0, 0, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no undefined-metric warning from scikit-learn either
+        table = choose_prototype_weight(feats, labels, protos, protos)
+    assert (table.accuracy == 0.75).all()  # 3 of 4 right at every weight
+    assert table.macro_f1.tolist() == pytest.approx([(1 + 2 / 3 + 0 + 0) / 4] * len(table))
+    assert np.isfinite(table.log_loss).all()
+
+
+def test_fit_prototype_classifier_keeps_a_class_without_training_images():
+    e = torch.eye(8)
+    names = ["a", "b", "c"]
+    texts = {c: [f"wording {c}"] for c in names}
+    model = TableText({p: e[names.index(c)] for c, ps in class_prompts(names, texts).items() for p in ps}, default=e[7])
+    train = F.normalize(e[[0, 1, 0, 1]] + 0.3 * e[5], dim=1)  # classes a and b only
+    val_y = torch.arange(30) % 3
+    val = F.normalize(e[val_y] + 0.3 * torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    clf = fit_prototype_classifier(model, model.tokenize, CPU, train, [0, 1, 0, 1], val, val_y.tolist(), names, texts)
+    assert torch.allclose(clf.protos[2], e[2])  # c's prototype is its text prototype alone
+    assert (clf.predict_proba(val).argmax(1) == 2).any()
+
+
+def test_fit_prototype_classifier_takes_the_temperature_of_the_chosen_weight():
+    """Every weight misclassifies one image (an "a" nearer "b"), so macro F1 ties and the first weight, 0 (text
+    only), is chosen. Its text prototypes call that image "b" confidently, which a high temperature softens;
+    the image prototypes call it "b" by a hair, so at weight 1 a lower temperature is best."""
+    e = torch.eye(8)
+    names, texts = ["a", "b"], {"a": ["wording a"], "b": ["wording b"]}
+    model = TableText({p: e[2 + names.index(c)] for c, ps in class_prompts(names, texts).items() for p in ps},
+                      default=e[7])
+    val = F.normalize(torch.stack([e[0] + e[2]] * 9 + [e[1] + e[3]] * 10 + [0.5 * e[0] + 0.55 * e[1] + e[3]]), dim=1)
+    val_y = [0] * 9 + [1] * 10 + [0]
+    clf = fit_prototype_classifier(model, model.tokenize, CPU, e[[0, 1]], [0, 1], val, val_y, names, texts)
+    table = clf.table
+    assert (table.accuracy == 0.95).all() and clf.weight == 0.0
+    best_t = {w: g.loc[g.log_loss.idxmin(), "temperature"] for w, g in table.groupby("weight")}
+    assert clf.temperature == best_t[0.0] == max(PROTOTYPE_TEMPERATURE_GRID) and best_t[1.0] < best_t[0.0]
+    probs = clf.predict_proba(val)  # at the chosen temperature, not CLIP's 0.01
+    assert torch.allclose(probs, prototype_probs(val, clf.protos, clf.temperature))
+    assert not torch.allclose(probs, prototype_probs(val, clf.protos, 0.01), atol=0.01)
+
+
+def test_image_prototypes_take_any_integer_labels_and_keep_one_row_per_class():
+    feats = unit(4, 8, 0)
+    by_int32 = image_prototypes(feats, np.array([0, 1, 0, 1], dtype=np.int32), 3, allow_empty=True)
+    assert by_int32.shape == (3, 8) and torch.equal(by_int32[2], torch.zeros(8))  # the last class: a zero row
+    assert torch.allclose(by_int32[0], F.normalize(feats[0] + feats[2], dim=0))
+    assert torch.equal(image_prototypes(feats[:0], [], 3, allow_empty=True), torch.zeros(3, 8))
+
+
+def test_description_labels_outside_the_label_map_keep_their_own_class():
+    prompts = {"ear": ["an ear"], "custom": ["a custom view"]}
+    out = add_description_prompts(prompts, ["ear-left", "custom"], ["wax", "a finding"], label_map=LABEL_TO_COARSE)
+    assert out == {"ear": ["an ear", "wax"], "custom": ["a custom view", "a finding"]}
 
 
 def test_feature_table_looks_up_rows_by_path():

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import f1_score
 from timm.layers import resample_abs_pos_embed
+from torchvision import transforms as T
 
 import utils
 from utils import (
@@ -337,6 +338,32 @@ def test_ear_sample_contributes_nothing_to_nose_and_vc_losses():
     torch.testing.assert_close(multitask_loss(out, y), expected)
 
 
+def test_class_weights_weigh_each_heads_loss_and_targets_outside_a_region_are_minus_one():
+    torch.manual_seed(0)
+    out = {"coarse": torch.randn(4, 4), "nose": torch.randn(4, 2)}
+    y = torch.tensor([NOSE_L, NOSE_R, NOSE_R, THROAT])
+    weights = {"coarse": torch.tensor([1.0, 0.5, 3.0, 2.0]), "nose": torch.tensor([4.0, 1.0])}
+    expected = (F.cross_entropy(out["coarse"], torch.tensor([1, 1, 1, 3]), weight=weights["coarse"])
+                + F.cross_entropy(out["nose"][:3], torch.tensor([0, 1, 1]), weight=weights["nose"]))
+    torch.testing.assert_close(multitask_loss(out, y, weights), expected)
+    assert not torch.allclose(multitask_loss(out, y), expected)
+    coarse, fine = utils.region_targets(torch.tensor([EAR_L, EAR_R, NOSE_R, VC_CLOSED, THROAT]))
+    assert coarse.tolist() == [0, 0, 1, 2, 3]
+    assert {t: (m.tolist(), target.tolist()) for t, (m, target) in fine.items()} == {
+        "ear": ([True, True, False, False, False], [0, 1, -1, -1, -1]),
+        "nose": ([False, False, True, False, False], [-1, -1, 1, -1, -1]),
+        "vc": ([False, False, False, True, False], [-1, -1, -1, 1, -1])}
+    assert utils.task_images(("ear",), []).shape == (0,)
+
+
+def test_inference_over_no_images_gives_empty_outputs():
+    model = _tiny()
+    ds = SquareImages([], None, dino_transform(model, SIZE, False), SIZE)
+    assert len(ds) == 0 and ds.images.shape == (0, 3, SIZE, SIZE) and ds.images.dtype == torch.uint8
+    outputs, labels = utils.collect_logits(model, utils._loader(ds, 4, 0, CPU), CPU, None)
+    assert outputs == {} and labels.dtype == torch.long and labels.shape == (0,)
+
+
 def test_class_weights_are_balanced_per_head():
     labels = [NOSE_L] * 3 + [NOSE_R] + [THROAT] * 4 + [EAR_L] * 2
     w = utils.class_weights(labels)
@@ -449,6 +476,25 @@ def test_seeded_items_are_reproducible_and_leave_the_global_rng_alone(split):
     assert list(sampler) == first
 
 
+def test_every_item_of_an_epoch_gets_its_own_augmentation_seed():
+    pairs = list(utils.EpochSampler(500, seed=0))
+    assert sorted(i for i, _ in pairs) == list(range(500))
+    assert len({s for _, s in pairs}) == 500  # no two items share their flip and crop
+
+
+def test_items_are_not_flipped_by_default_and_a_seed_drives_the_transform_alone(split):
+    train, _ = split
+    paths, labels = train["path"].tolist()[:7], list(range(7))
+    tf = dino_transform(_tiny(), SIZE, train=True)
+    assert [SquareImages(paths, labels, tf, SIZE)[i][1] for i in range(7)] == labels  # flip_p 0 by default
+    ds = SquareImages(paths, labels, tf, SIZE, flip_p=0.0)
+    with utils.seeded_rng(5):  # no flip drawn: the seed's first draws go to the transform
+        expected = tf(Image.fromarray(ds.images[2].permute(1, 2, 0).numpy()))
+    assert torch.equal(ds[(2, 5)][0], expected)
+    head = DinoClassifier(_tiny().backbone, ("coarse",)).heads["coarse"].weight
+    assert torch.equal(head, DinoClassifier(_tiny().backbone, ("coarse",), init_seed=0).heads["coarse"].weight)
+
+
 def test_dino_transform_takes_mean_and_std_from_the_model_and_never_flips():
     model = _tiny()
     mean, std = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
@@ -464,6 +510,23 @@ def test_dino_transform_takes_mean_and_std_from_the_model_and_never_flips():
     assert "RandomRotation" in repr(dino_transform(model, SIZE, True))
     x = dino_transform(model, SIZE, train=False)(Image.new("RGB", (SIZE, SIZE), (255, 0, 0)))
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([(1 - 0.1) / 0.4, -0.2 / 0.5, -0.3 / 0.6]))
+
+
+def test_training_augmentation_is_the_documented_one():
+    """DINO_TRAIN_AUGMENT: +-15 deg bilinear rotation on black, a crop keeping 70-100% of the square at aspect
+    3/4-4/3, colour jitter 0.2, no flip (SquareImages flips with the label swap); evaluation: none of it."""
+    model = _tiny()
+    rotate, timm_tf = dino_transform(model, SIZE, train=True).transforms
+    assert type(rotate).__name__ == "RandomRotation" and list(rotate.degrees) == [-15.0, 15.0]
+    assert rotate.interpolation == T.InterpolationMode.BILINEAR and rotate.fill == 0
+    by_type = {type(t).__name__: t for t in timm_tf.transforms}
+    crop = next(t for name, t in by_type.items() if "ResizedCrop" in name)
+    assert tuple(crop.scale) == (0.7, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
+    jitter = by_type["ColorJitter"]
+    assert [tuple(getattr(jitter, k)) for k in ("brightness", "contrast", "saturation")] == [(0.8, 1.2)] * 3
+    assert not any("Flip" in name for name in by_type)
+    eval_names = [type(t).__name__ for t in dino_transform(model, SIZE, train=False).transforms]
+    assert not any("Random" in name or "Jitter" in name for name in eval_names)
 
 
 # ---- fine-tuning ----------------------------------------------------------------------------
@@ -719,6 +782,36 @@ def test_warmup_cosine_schedule():
     assert f[:3] == [0.5, 1.0, 1.0] and np.isclose(f[4], 0.5) and f[5] < f[4]
 
 
+def test_param_groups_without_layer_decay_name_their_part_and_skip_decay_on_norms_and_tokens():
+    model = _tiny()
+    groups = utils.param_groups(model, DinoConfig(lr_head=1e-3, lr_backbone=1e-4, weight_decay=0.07))
+    assert {g["name"] for g in groups} == {"backbone", "heads"}
+    of = {id(p): (g["name"], g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    bb = model.backbone
+    assert of[id(bb.blocks[0].attn.qkv.weight)] == ("backbone", 1e-4, 0.07)
+    assert of[id(bb.cls_token)] == of[id(bb.pos_embed)] == of[id(bb.norm.weight)] == ("backbone", 1e-4, 0.0)
+    assert of[id(model.heads["coarse"].weight)] == ("heads", 1e-3, 0.07)
+    layered = utils.param_groups(model, DinoConfig(weight_decay=0.07, layer_decay=0.5))
+    assert {g["weight_decay"] for g in layered if g["name"] == "backbone"} == {0.0, 0.07}
+
+
+def test_param_groups_accept_a_backbone_without_a_no_weight_decay_list():
+    backbone = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
+    backbone.num_features = 6
+    groups = utils.param_groups(DinoClassifier(backbone, ("coarse",)), DinoConfig(weight_decay=0.05))
+    assert sum(len(g["params"]) for g in groups) == 4 + 2  # two Linear and one LayerNorm in the backbone, one head
+
+
+def test_warmup_cosine_ends_at_zero_and_stays_there():
+    assert utils.warmup_cosine(3, warmup_steps=3, total_steps=4) == 1.0
+    assert utils.warmup_cosine(4, warmup_steps=3, total_steps=4) == pytest.approx(0.0, abs=1e-12)  # one decay step
+    assert [utils.warmup_cosine(s, 2, 6) for s in (6, 7, 9)] == pytest.approx([0.0] * 3, abs=1e-12)  # past the end
+
+
+def test_class_weights_of_no_labels_are_ones():
+    assert {t: w.tolist() for t, w in utils.class_weights([]).items()} == {t: [1.0] * n for t, n in DINO_TASKS.items()}
+
+
 # ---- the validation score --------------------------------------------------------------------
 
 def _region_then_fine_by_hand(coarse: np.ndarray, probs: dict) -> list[int]:
@@ -894,6 +987,57 @@ def test_predictions_and_features_are_cached_per_image_content_and_checkpoint(im
     assert seen == [5]  # another TTA setting: its own cache too
 
 
+def test_feature_caches_are_kept_per_checkpoint_apart_from_the_probabilities(images, tmp_path, monkeypatch):
+    paths = images[0][:2]
+    a, b = _trained(weights_id="ckpt-a"), _trained(weights_id="ckpt-b")  # the same weights, two checkpoints
+    utils.dino_features(a, paths, CPU, cache_dir=tmp_path)
+    utils.predict_dino([a], paths, CPU, cache_dir=tmp_path)
+    assert sorted(p.name.rsplit("_", 1)[0] for p in tmp_path.glob("*.safetensors")) == ["dino_feats", "dino_probs"]
+    seen, real = [], utils.collect_logits
+    monkeypatch.setattr(utils, "collect_logits",
+                        lambda m, loader, *a, **k: seen.append(len(loader.dataset)) or real(m, loader, *a, **k))
+    utils.dino_features(a, paths, CPU, cache_dir=tmp_path)
+    assert seen == []  # read back
+    utils.dino_features(b, paths, CPU, cache_dir=tmp_path)
+    assert seen == [2]  # another checkpoint is another cache, whatever its weights look like
+    assert len(list(tmp_path.glob("dino_feats_*.safetensors"))) == 2
+
+
+def test_predictions_flip_by_default_and_run_at_the_devices_autocast_precision(images, monkeypatch):
+    paths = images[0][:2]
+    trained = _trained()
+    default = utils.predict_dino([trained], paths, CPU)
+    for k, v in utils.predict_dino([trained], paths, CPU, tta_flip=True).items():
+        np.testing.assert_array_equal(default[k], v)  # the same computation: flip TTA is the default
+    used, real = [], utils.autocast
+    monkeypatch.setattr(utils, "autocast_dtype", lambda device: torch.bfloat16)  # as on a bf16-capable device
+    monkeypatch.setattr(utils, "autocast", lambda device, dtype: used.append(dtype) or real(device, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. no "pin_memory without an accelerator" on a CPU
+        utils.predict_dino([trained], paths, CPU, tta_flip=True)
+        utils.dino_features(trained, paths, CPU, tta_flip=True)
+    assert used == [torch.bfloat16] * 4  # image and mirror, for probabilities and for features
+
+
+def test_a_cache_without_a_checkpoint_id_is_keyed_by_the_weights_and_the_preprocessing(images, tmp_path, monkeypatch):
+    paths = images[0][:2]
+    seen, real = [], utils.collect_logits
+    monkeypatch.setattr(utils, "collect_logits",
+                        lambda m, loader, *a, **k: seen.append(len(loader.dataset)) or real(m, loader, *a, **k))
+    a = _trained(weights_id="")
+    utils.predict_dino([a], paths, CPU, tta_flip=False, cache_dir=tmp_path)
+    utils.predict_dino([a], paths, CPU, tta_flip=False, cache_dir=tmp_path)
+    assert seen == [2]  # the weights' fingerprint found the cache
+    b = _trained(weights_id="")
+    with torch.no_grad():
+        b.model.heads["coarse"].bias.add_(1.0)
+    utils.predict_dino([b], paths, CPU, tta_flip=False, cache_dir=tmp_path)
+    assert seen == [2, 2]  # other weights: computed afresh
+    b.model.backbone.pretrained_cfg = {**b.model.backbone.pretrained_cfg, "mean": (0.1, 0.2, 0.3)}
+    utils.predict_dino([b], paths, CPU, tta_flip=False, cache_dir=tmp_path)
+    assert seen == [2, 2, 2]  # other preprocessing: computed afresh
+
+
 def test_content_given_by_the_caller_is_the_cache_key(images, tmp_path, monkeypatch):
     paths = images[0]
     trained = _trained()
@@ -902,6 +1046,7 @@ def test_content_given_by_the_caller_is_the_cache_key(images, tmp_path, monkeypa
     hashed = []
     monkeypatch.setattr(utils, "file_sha1", lambda p: hashed.append(p) or "unused")
     utils.predict_dino([trained], paths, CPU, content=content, cache_dir=tmp_path)
+    utils.dino_features(trained, paths, CPU, content=content, cache_dir=tmp_path)
     assert hashed == []  # EntrepData.sha1 given: no file is hashed again
 
 
@@ -918,6 +1063,15 @@ def test_separate_models_merge_their_heads_into_one_dict(images):
         np.testing.assert_allclose(merged[task], alone[task], **TOL)
     labels = utils.region_then_fine(merged["coarse"].argmax(1), merged)  # the hybrid's input, as is
     assert labels.shape == (5,)
+
+
+def test_trained_dino_summary_reports_the_first_best_epoch_of_its_history():
+    """What metrics.json records: the first epoch of the best validation score (train_dino keeps that
+    one: a later equal score is no improvement), its score, the epochs run and where the weights are."""
+    history = pd.DataFrame({"epoch": [1, 2, 3, 4, 5], "val_score": [0.25, 0.5, 0.75, 0.5, 0.75]})
+    trained = TrainedDino(_tiny(("coarse", "ear")), Path("runs") / "dino-1" / "best.pt", history, "id")
+    assert trained.summary() == {"tasks": ["coarse", "ear"], "epochs_run": 5, "best_epoch": 3,
+                                 "best_val_score_no_tta": 0.75, "checkpoint": str(Path("runs") / "dino-1" / "best.pt")}
 
 
 # ---- plots ----------------------------------------------------------------------------------

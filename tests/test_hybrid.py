@@ -6,7 +6,9 @@ import json
 import re
 import time
 import unicodedata
+import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -701,3 +703,202 @@ def test_check_submission_names_the_problem_of_a_malformed_zip(tmp_path):
         check_submission(make('{"a.png": 0}', "sub/submission.json"), "track1", ["a.png"])
     with pytest.raises(ValueError, match="not a valid"):
         check_submission(tmp_path / "nowhere.zip", "track1", ["a.png"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaps found by mutation testing (benchmarks/MUTATION.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_result_tables_name_their_index_and_count_support_in_integers():
+    y_true, y_pred = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2])
+    table = classification_table(y_true, y_pred)
+    assert table.index.name == "class" and table["support"].dtype.kind == "i"  # "3", not "3.0", in metrics.json
+    assert branch_accuracy(y_true, y_pred, [False, True, True, False]).index.name == "branch"
+    assert comparison_table({"hybrid": y_pred}, y_true).index.name == "model"
+
+
+def test_classification_table_shows_absent_classes_and_scores_silently():
+    # classes 2-6 absent from both sides, class 1 never predicted: rows of zeros, no scikit-learn warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = classification_table([0, 0, 1, 1], [0, 0, 0, 0])
+    assert list(table.index[:7]) == list(LABELS)
+    assert table.loc[list(LABELS[2:]), "support"].tolist() == [0] * 5
+    assert (table.loc[list(LABELS[1:]), ["precision", "recall", "f1"]] == 0).all().all()
+    assert table.loc["macro avg", "precision"] == pytest.approx(0.25)  # over the classes present: (0.5 + 0) / 2
+
+
+@pytest.mark.parametrize("score", [
+    lambda t, p: classification_table(t, p),
+    lambda t, p: branch_accuracy(t, p, [False, True]),
+    lambda t, p: bootstrap_ci(t, p, n_boot=10),
+    lambda t, p: batched_scores(t, p),
+])
+def test_metric_errors_name_the_argument_at_fault(score):
+    with pytest.raises(ValueError, match="^y_true must hold integer class ids"):
+        score([0.5, 1.0], [0, 1])
+    with pytest.raises(ValueError, match="^y_pred must hold integer class ids"):
+        score([0, 1], [0.5, 1.0])
+
+
+def test_branch_accuracy_reads_fell_back_as_truth_values_and_leaves_empty_branches_nan_silently():
+    branches = branch_accuracy([0, 1, 2], [0, 1, 0], [0, 1, 1])  # 0 / 1 flags, as read back from a CSV
+    assert branches["n"].tolist() == [1, 2, 3]
+    assert branches.loc["DINOv2 fallback", "accuracy"] == 0.5 and branches.loc["prototype", "accuracy"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" from numpy
+        none_fell_back = branch_accuracy([0, 1], [0, 1], [False, False])
+        empty = branch_accuracy([], [], [])
+    assert np.isnan(none_fell_back.loc["DINOv2 fallback", "accuracy"])
+    assert empty["n"].tolist() == [0, 0, 0] and empty[["fraction", "accuracy"]].isna().all().all()
+
+
+def test_comparison_table_by_default_uses_the_default_bootstrap_resamples():
+    y, pred = _noisy_predictions(60, seed=21)
+    table, ci = comparison_table({"hybrid": pred}, y), bootstrap_ci(y, pred)
+    for m in ci.index:  # metrics.json's intervals and the comparison table's agree
+        assert table.loc["hybrid", [m, f"{m}_low", f"{m}_high"]].tolist() == ci.loc[m].tolist()
+
+
+@pytest.mark.parametrize("call", [
+    lambda out: write_submission("track4", ["a.png"], [0], out),
+    lambda out: check_submission(out / "submission.zip", "track4", ["a.png"]),
+])
+def test_an_unknown_track_is_refused_with_the_known_ones(tmp_path, call):
+    with pytest.raises(ValueError, match=re.escape("track must be one of ('track1', 'track2', 'track3'); got 'track4'.")):
+        call(tmp_path)
+
+
+def test_submission_zip_entry_is_dated_1980_readable_and_its_json_one_answer_per_line(tmp_path):
+    path = write_submission("track1", ["b.png", "a.png"], [3, 0], tmp_path)
+    with zipfile.ZipFile(path) as zf:
+        (info,) = zf.infolist()
+        raw = zf.read(info)
+    assert info.date_time == (1980, 1, 1, 0, 0, 0)  # the zip epoch: no time of writing in the file
+    assert info.external_attr >> 16 == 0o644 and info.compress_type == zipfile.ZIP_DEFLATED  # rw-r--r-- unzipped
+    assert raw == b'{\n "b.png": 3,\n "a.png": 0\n}'  # one answer per line: diffs of two runs are readable
+
+
+def test_repeated_query_warning_is_exact_and_points_at_the_caller(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_submission("track1", ["a.png", "b.png"], [0, 1], tmp_path)  # each query once: no warning
+    queries = ["a", "a", "b", "b", "c", "c", "d", "d", "e"]
+    with pytest.warns(UserWarning) as record:
+        write_submission("track1", queries, [0] * len(queries), tmp_path)
+    (w,) = record
+    assert str(w.message) == ("track1: 4 queries are listed more than once (e.g. ['a', 'b', 'c']); the JSON holds "
+                              "each once, with its first answer.")
+    assert Path(w.filename).name != "utils.py"  # it points at the caller (the notebook cell), not at utils.py
+
+
+def test_a_failed_write_raises_its_own_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(zipfile, "ZipFile", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_submission("track1", ["a.png"], [0], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fuse", [lambda p, d: soft_fusion_predict(p, d, 0.5), lambda p, d: hybrid_predict(p, d, 0.5)])
+def test_fusion_errors_name_the_input_at_fault_with_its_expected_shape(fuse):
+    proto = one_hot_probs([EAR, NOSE, VC], 0.9)
+    with pytest.raises(ValueError, match=re.escape("proto_coarse must be [N, 4] probabilities in COARSE_CLASSES")):
+        fuse(np.ones((3, 7)) / 7, dino(proto, 0.9, 0.9, 0.9))
+    with pytest.raises(ValueError, match=re.escape("dino_probs['coarse'] must be [3, 4] probabilities")):
+        fuse(proto, dino(proto[:2], 0.9, 0.9, 0.9))  # one row short
+    with pytest.raises(ValueError, match=re.escape("dino_probs['coarse'] is missing: pass DINOv2's (N, 4) region "
+                                                   "probabilities (predict_dino's 'coarse').")):
+        fuse(proto, {"ear": [0.9] * 3, "nose": [0.9] * 3, "vc": [0.9] * 3})
+
+
+def test_check_submission_lists_every_problem_with_three_examples_each(tmp_path):
+    path = tmp_path / "submission.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("submission.json", json.dumps({**{f"x{i}.png": 9 for i in range(5)}, "a.png": 0}))
+    listed = ["a.png", *(f"q{i}.png" for i in range(5))]
+    with pytest.raises(ValueError) as err:
+        check_submission(path, "track1", listed)
+    assert str(err.value) == (
+        f"{path} is not a valid submission:\n"
+        "- 5 listed queries missing, e.g. ['q0.png', 'q1.png', 'q2.png']\n"
+        "- 5 keys are not listed queries, e.g. ['x0.png', 'x1.png', 'x2.png']\n"
+        "- 5 answers are not label ids 0-6, e.g. ['x0.png: 9', 'x1.png: 9', 'x2.png: 9']\n"
+        "Fix the predictions and write it again; do not upload this file.")
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("submission_i2i.json", json.dumps({"a.png": "a.png", "b.png": "z.png"}))
+    with pytest.raises(ValueError, match=re.escape("2 answers are not gallery images other than the query, e.g. "
+                                                   "[\"a.png -> 'a.png'\", \"b.png -> 'z.png'\"]")):
+        check_submission(path, "track2", ["a.png", "b.png"], gallery=["a.png", "b.png"])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: pass gallery= (the image names a track2 answer may use).")):
+        check_submission(path, "track2", ["a.png", "b.png"])
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("submission.json", '{"a": 0, "a": 1, "b": 0, "b": 1, "c": 0, "c": 1, "d": 0, "d": 1}')
+    with pytest.raises(ValueError, match=re.escape("the JSON repeats keys ['a', 'b', 'c'].")):
+        check_submission(path, "track1", ["a", "b", "c", "d"])
+
+
+def test_fusion_choice_arrays_are_ids_and_flags_and_a_bad_rule_is_named():
+    proto, probs, y = random_fusion_inputs(40, seed=22)
+    choice = choose_fusion("hybrid", proto, probs, y, np.arange(40) % 4)
+    assert choice.oof_pred.dtype == np.int64 and choice.oof_fallback.dtype == bool
+    assert choose_fusion("soft", proto, probs, y, np.arange(40) % 4).oof_pred.dtype == np.int64
+    with pytest.raises(ValueError, match=re.escape("rule must be 'hybrid' (threshold) or 'soft' (weight); got 'max'.")):
+        choose_fusion("max", proto, probs, y, np.arange(40) % 4)
+
+
+def test_best_grid_value_compares_scores_not_rounded_to_whole_numbers():
+    grid = [0.1, 0.2, 0.3]
+    assert best_grid_value(grid, [0.9, 0.8, 0.8], [0.5] * 3) == 0.1  # 0.9 beats 0.8 (both near 1)
+    assert best_grid_value(grid, [0.8, 0.8, 0.8], [0.6, 0.6, 0.7]) == 0.3  # accuracy 0.7 beats 0.6
+
+
+def test_bootstrap_defaults_index_name_and_that_every_image_can_be_resampled():
+    y, pred = _noisy_predictions(50, seed=23)
+    ci = bootstrap_ci(y, pred)
+    assert ci.equals(bootstrap_ci(y, pred, n_boot=1000, seed=0, alpha=0.05)) and ci.index.name == "metric"
+    wrong_first = bootstrap_ci([1] + [0] * 19, [0] * 20, n_boot=200)  # only image 0 is misclassified
+    assert wrong_first.loc["accuracy", "low"] < 1.0 and wrong_first.loc["accuracy", "estimate"] == 0.95
+
+
+def test_bootstrap_interval_ends_are_the_alpha_over_two_quantiles_not_nearby_ones(reference_bootstrap):
+    y, pred, scores = reference_bootstrap
+    alpha = 0.3
+    ci = bootstrap_ci(y, pred, n_boot=5000, seed=0, alpha=alpha)
+    for metric in ci.index:
+        ref = scores[metric]
+        for end, right, wrong in (("low", alpha / 2, alpha / 3), ("high", 1 - alpha / 2, 1 - alpha / 3)):
+            got = ci.loc[metric, end]
+            assert abs(got - np.quantile(ref, right)) < abs(got - np.quantile(ref, wrong)), (metric, end)
+
+
+def test_region_ids_and_probabilities_may_come_as_columns_and_missing_probabilities_pick_the_first_label():
+    coarse = np.array([[EAR], [NOSE], [VC]])  # (N, 1), as an argmax with keepdims gives them
+    probs = {"ear": np.array([[0.9], [0.1], [0.1]]), "nose": [0.1, 0.1, 0.1], "vc": [None, 0.2, None]}
+    assert names(region_then_fine(coarse, probs)) == ["ear-right", "nose-left", "vc-open"]  # None: as NaN
+    assert region_then_fine(coarse, probs).shape == (3,)
+    with pytest.raises(ValueError, match=re.escape("coarse ids must be in 0..3 (COARSE_CLASSES order).")):
+        region_then_fine([4], {"ear": [0.9], "nose": [0.9], "vc": [0.9]})
+
+
+def test_coarse_of_names_its_argument_when_an_id_is_out_of_range():
+    with pytest.raises(ValueError, match=re.escape("labels7 ids must be in 0..6; got 0..7.")):
+        coarse_of([0, 7])
+
+
+def test_a_negative_id_without_a_class_count_is_reported_as_negative():
+    # Known gap (benchmarks/MUTATION.md): with no class count the message claimed the range "0..0".
+    with pytest.raises(ValueError) as err:
+        batched_scores([-1, 2], [0, 1])
+    assert str(err.value) == "y_true ids must be non-negative; got -1..2."
+
+
+def test_soft_fusion_of_float32_probabilities_is_computed_in_float64():
+    # torch hands out float32; a near tie that float32 arithmetic rounds away must still be decided
+    proto = np.array([[0.5, 0.5 + 2**-24, 0.0, 0.0]], dtype=np.float32)  # nose ahead by one float32 step
+    probs = {"coarse": np.array([[0.5, 0.5, 0.0, 0.0]], dtype=np.float32),
+             **{t: np.array([0.9], dtype=np.float32) for t in FINE}}
+    assert names(soft_fusion_predict(proto, probs, 0.35)) == ["nose-right"]

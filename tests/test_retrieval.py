@@ -559,3 +559,144 @@ def test_plot_retrieval_gallery_frames_hits_green_and_misses_red(tmp_path):
     green, red, blue = hexcolor("tab:green"), hexcolor("tab:red"), hexcolor("tab:blue")
     assert [c.pop() for c in colours] == [blue, green, red, red, blue, red, red, green]
     assert all(ax.images for ax in fig.axes)
+
+
+# ----------------------------------------------------------------------------------- gaps found by mutation testing
+
+
+def test_retrieval_hits_keep_the_ranking_shape_and_bool_dtype_when_empty():
+    for ranked, relevant in ((np.zeros((0, 5), dtype=int), []), (np.zeros((2, 0), dtype=int), [{1}, {2}])):
+        hits = retrieval_hits(ranked, relevant)
+        assert hits.shape == ranked.shape and hits.dtype == bool
+    assert retrieval_hits(torch.tensor([[3, 1]]), [{1}]).tolist() == [[False, True]]
+
+
+def test_choose_rerank_beta_table_holds_r1_r5_and_mrr_per_beta():
+    scores, idx = torch.tensor([[0.9, 0.8]]), torch.tensor([[0, 1]])
+    _, table = choose_rerank_beta(scores, idx, one_hot([0]), one_hot([1, 0]), [{1}])
+    assert list(table.columns) == ["beta", "R@1", "R@5", "MRR"]
+
+
+def test_rankings_hold_ten_images_per_query_by_default(tiny_clip):
+    feats = random_unit(30, 8, 0)
+    ids = [f"sha{i}" for i in range(30)]
+    assert rank_gallery(feats[:3], feats, ids[:3], ids).shape == (3, 10)  # R@10 needs ten
+    model, tokenizer = tiny_clip
+    gallery = random_unit(30, embed_texts(model, tokenizer, ["ear"], CPU).shape[1], 1)
+    assert text_to_image(model, tokenizer, ["ear", "nose"], gallery, CPU).shape == (2, 10)
+
+
+def test_rerank_by_region_keeps_tied_candidates_in_shortlist_order_in_long_shortlists():
+    # 40 candidates in 4 tied blocks: torch's unstable sort reorders ties from 17 elements on
+    idx = torch.arange(40).flip(0)[None]
+    scores = torch.tensor([0.9] * 10 + [0.8] * 10 + [0.7] * 10 + [0.6] * 10)[None]
+    region = torch.full((40, 4), 0.25)  # every candidate agrees equally: only ties
+    s, i = rerank_by_region(scores, idx, region[:1], region, 0.3)
+    assert torch.equal(i, idx) and torch.allclose(s, scores + 0.3 * 0.25)
+
+
+def _gram_rows(gram: np.ndarray) -> torch.Tensor:
+    """Unit rows whose cosines are the given Gram matrix (symmetric, PSD, unit diagonal)."""
+    w, v = np.linalg.eigh(gram)
+    return torch.from_numpy(v * np.sqrt(np.clip(w, 0, None))).float()
+
+
+# Six images in three pairs (0, 1), (2, 3), (4, 5); regions 0, 0, 0, 0, 1, 1 (pairs share their region).
+# Both embeddings find pair (2, 3) or (4, 5) plainly and rank the other queries' partners second (0.8) behind
+# a decoy (0.85): "same" behind one of their own region, which re-ranking cannot move (R@1 2/6 either way);
+# "cross" behind one of the other region, which re-ranking with beta > 0.05 moves below the partner (R@1 1).
+# Plainly the two tie, and "same" comes first.
+SIX_REGION = one_hot([0, 0, 0, 0, 1, 1])
+SIX_RELEVANT = [{i ^ 1} for i in range(6)]
+
+
+def _six(pairs_to: dict[tuple[int, int], float]) -> torch.Tensor:
+    gram = np.full((6, 6), 0.3)
+    np.fill_diagonal(gram, 1.0)
+    for (i, j), c in pairs_to.items():
+        gram[i, j] = gram[j, i] = c
+    assert np.linalg.eigvalsh(gram).min() > 0.01  # real vectors have these cosines
+    return _gram_rows(gram)
+
+
+SIX = {"same": _six({(0, 1): 0.8, (2, 3): 0.8, (4, 5): 0.8, (0, 2): 0.85, (1, 3): 0.85, (0, 3): 0.7, (1, 2): 0.7}),
+       "cross": _six({(0, 1): 0.8, (2, 3): 0.8, (4, 5): 0.8, (0, 4): 0.85, (1, 5): 0.85, (0, 5): 0.7, (1, 4): 0.7})}
+
+
+@pytest.mark.parametrize("held_out", [[0, 1, 2, 3, 4, 5], []])
+def test_evaluate_i2i_applies_the_chosen_region_reranking_and_chooses_by_it(held_out):
+    table, choice = evaluate_i2i(SIX, [f"sha{i}" for i in range(6)], range(6), SIX_RELEVANT, held_out, SIX_REGION)
+    subset = table.pairs.iloc[0]
+    for name in SIX:
+        assert row(table, name, subset, "plain")[["R@1", "MRR"]].tolist() == pytest.approx([2 / 6, 4 / 6])
+    assert row(table, "cross", subset, "region re-rank")["R@1"] == 1.0
+    assert row(table, "same", subset, "region re-rank")["R@1"] == pytest.approx(2 / 6)
+    assert row(table, "cross", subset, "region re-rank")["beta"] == 0.1  # the smallest grid value above 0.05
+    assert {f"{m}_{end}" for m in ("R@1", "R@5", "R@10", "MRR") for end in ("low", "high")} <= set(table.columns)
+    ids = [f"sha{i}" for i in range(6)]
+    plain = rank_gallery(SIX["same"], SIX["same"], ids, ids)  # the plain ranking, intervals of 1,000 resamples
+    expected = retrieval_metrics(plain, SIX_RELEVANT, n_boot=1000)
+    assert row(table, "same", subset, "plain")[list(expected)].tolist() == list(expected.values())
+    assert choice == {"embedding": "cross", "beta": 0.1,  # by the re-ranked rows, not the plain ones
+                      "chosen_on": "6 held-out pairs" if held_out else "all 6 pairs (none held out)"}
+
+
+def test_evaluate_i2i_chooses_by_the_choice_pairs_even_when_another_embedding_wins_on_all_pairs():
+    # others_win: held-out R@1 0, all pairs 8/12; half: held-out 2/4, all 2/12. The choice rows say "half".
+    feats = {"others_win": FEATS["others_win"],
+             "half": clusters([[0, 1], [2, 11], [3, 10], [5, 6], [7, 8], [9, 4]], N_IMG, 5)}
+    table, choice = evaluate_i2i(feats, IDS, range(N_IMG), RELEVANT, HELD_OUT, torch.full((N_IMG, 4), 0.25))
+    assert row(table, "others_win", "all pairs", "region re-rank")["R@1"] == pytest.approx(8 / 12)
+    assert row(table, "half", "held-out pairs (choice)", "region re-rank")["R@1"] == 0.5
+    assert row(table, "half", "all pairs", "region re-rank")["R@1"] == pytest.approx(2 / 12)
+    assert choice["embedding"] == "half"
+
+
+def test_evaluate_i2i_says_which_pairs_it_chose_on_and_ranks_ten():
+    _, empty = evaluate_i2i(FEATS, IDS, [], [], [], None)
+    assert empty == {"embedding": "others_win", "beta": 0.0, "chosen_on": "no annotated pairs: the first embedding, no re-ranking"}
+    table, _ = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, [], None)
+    assert set(table.pairs) == {"all pairs (choice; includes pairs a model trained on)"}
+    # query 0's partner is the image least like it, 11th of 11 candidates: outside a top-10 ranking
+    gram = np.full((12, 12), 0.5)
+    np.fill_diagonal(gram, 1.0)
+    gram[0, 1] = gram[1, 0] = 0.0
+    table, _ = evaluate_i2i({"e": _gram_rows(gram)}, IDS, [0], [{1}], [], None)
+    assert table.loc[0, "MRR"] == 0.0 and table.loc[0, "R@10"] == 0.0
+
+
+def test_finding_lines_lose_only_spaces_dashes_and_bullets_at_their_ends():
+    assert split_finding_lines("\u2022 X-ray shows a shadow X\r\n- oedema -\n\t\n") == ["X-ray shows a shadow X", "oedema"]
+
+
+def test_held_out_images_are_validation_images_and_whole_pairs_no_training_image_is_in():
+    i2i = pd.DataFrame({"query_path": ["t1", "v1", "u1", "u3", "t2"], "match_path": ["u2", "u1", "v2", "u4", "t3"]})
+    data = utils.EntrepData(root=None, images=pd.DataFrame(), i2i=i2i, t2i=pd.DataFrame(), queries={},
+                            folder_images=pd.DataFrame(), problems=pd.DataFrame(), inventory=pd.DataFrame(), sha1={})
+    held = utils.held_out_images(data, train_paths=["t1", "t2", "t3", "t4"], val_paths=["v1", "v2", "v3"])
+    # t1-u2 and t2-t3 touch training images: out; v1-u1, u1-v2 and the unlabelled u3-u4: in, both images
+    assert held == {"v1", "v2", "v3", "u1", "u3", "u4"}
+    assert utils.held_out_images(data, [], []) == {"t1", "u2", "v1", "u1", "v2", "u3", "u4", "t2", "t3"}
+
+
+def test_retrieval_metric_intervals_are_the_alpha_over_two_percentiles_of_resampled_queries():
+    rng = np.random.default_rng(4)
+    n = 1000
+    hit_first = rng.uniform(size=n) < 0.6  # R@1 hits of 1,000 queries: the partner (0) first, else second
+    ranked = np.where(hit_first[:, None], [[0, 1]], [[1, 0]])
+    relevant = [{0}] * n
+    alpha = 0.3
+    got = retrieval_metrics(ranked, relevant, ks=(1,), n_boot=5000, alpha=alpha)
+    ref = np.concatenate([hit_first[rng.integers(0, n, (2000, n))].mean(1) for _ in range(20)])  # 40,000 of our own
+    for end, right, wrong in (("low", alpha / 2, (alpha / 3, 2 * alpha)), ("high", 1 - alpha / 2, (1 - alpha / 3, 1 - 2 * alpha))):
+        distance = abs(got[f"R@1_{end}"] - np.quantile(ref, right))
+        assert all(distance < abs(got[f"R@1_{end}"] - np.quantile(ref, w)) for w in wrong), end
+    assert got["R@1"] == hit_first.mean() and got["R@1_low"] < got["R@1"] < got["R@1_high"]
+    default = retrieval_metrics(ranked, relevant, ks=(1,), n_boot=200)
+    assert default == retrieval_metrics(ranked, relevant, ks=(1,), n_boot=200, seed=0, alpha=0.05)
+    assert "R@1_low" not in retrieval_metrics(ranked, relevant, ks=(1,))  # no resampling unless asked
+
+
+def test_finding_keys_strip_only_spaces_and_end_punctuation():
+    queries, relevant = description_queries(["Type X", "type x.", "Type", " TYPE ;"])
+    assert queries == ["Type X", "Type"] and relevant == [{0, 1}, {2, 3}]
