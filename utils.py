@@ -27,8 +27,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import unicodedata
@@ -133,7 +131,7 @@ FINE_CLASS_TEXTS: dict[str, tuple[str, ...]] = {
 # BiomedCLIP (Zhang et al. 2023), the paper's CLIP model, and the hub repository of its text tower.
 BIOMEDCLIP_HUB_ID: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BIOMEDCLIP_TEXT_HUB_ID: str = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-# Files of each hub repository an offline copy needs (ENTREP.md "Weights"; export_biomedclip).
+# Files of each hub repository an offline copy needs (ENTREP.md "Weights"; biomedclip_offline.py).
 BIOMEDCLIP_FILES: tuple[str, ...] = ("open_clip_config.json", "open_clip_pytorch_model.bin", "tokenizer.json",
                                      "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 HF_TEXT_FILES: tuple[str, ...] = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -949,8 +947,8 @@ def load_clip(name: str = BIOMEDCLIP_HUB_ID, device: str | torch.device = "cpu",
     """An open_clip model in eval mode on `device`: (model, preprocess, tokenizer).
 
     name: `hf-hub:<repo>` (downloads once into cache_dir); `local-dir:<folder>` with the hub files
-    (export_biomedclip writes one: a Kaggle dataset for runs with internet off); `tiny`: a random
-    TINY_CLIP_CFG model built offline from `seed`, for tests and the demo.
+    (biomedclip_offline.export_biomedclip writes one: a Kaggle dataset for runs with internet off);
+    `tiny`: a random TINY_CLIP_CFG model built offline from `seed`, for tests and the demo.
     """
     if name == "tiny":
         with torch.random.fork_rng(devices=[]):  # the same model every call, global RNG untouched
@@ -983,7 +981,7 @@ def offline_clip_dir(model_dir: Path, staging_root: Path) -> Path:
     config_path = model_dir / "open_clip_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a local-dir: folder needs the files of the model's hub "
-                                f"repository ({', '.join(BIOMEDCLIP_FILES)}); utils.export_biomedclip writes one.")
+                                f"repository ({', '.join(BIOMEDCLIP_FILES)}); biomedclip_offline.export_biomedclip writes one.")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
     if "hf_model_name" not in text_cfg:
@@ -1001,7 +999,7 @@ def offline_clip_dir(model_dir: Path, staging_root: Path) -> Path:
         raise FileNotFoundError(
             f"{model_dir}: the text tower {hub_id!r} needs its config.json and vocab.txt offline. Put them in "
             f"{model_dir / Path(hub_id).name}/ (from https://huggingface.co/{hub_id}), or build the folder with "
-            "utils.export_biomedclip where internet is on.")
+            "biomedclip_offline.export_biomedclip where internet is on.")
     weights = [p for p in sorted(model_dir.iterdir()) if p.suffix in (".bin", ".safetensors", ".pth")]
     local = str(text_dir.resolve())
     config["model_cfg"]["text_cfg"] = {**text_cfg, "hf_model_name": local, "hf_tokenizer_name": local}
@@ -1030,58 +1028,6 @@ def _is_hf_text_dir(folder: Path) -> bool:
         return has_vocab and "model_type" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-
-
-def export_biomedclip(folder: str | os.PathLike, hub_id: str = BIOMEDCLIP_HUB_ID,
-                      text_hub_id: str = BIOMEDCLIP_TEXT_HUB_ID) -> Path:
-    """Run once where internet is on: write the folder to attach as a Kaggle dataset for offline runs
-    (clip_model="local-dir:/kaggle/input/<its name>"). It holds BiomedCLIP's hub files and, in a
-    sub-folder named after the text tower's repository, that repository's config.json and tokenizer
-    files, which open_clip needs and BiomedCLIP's repository does not hold. Check it with
-    check_clip_offline(folder)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    folder = Path(folder)
-    for repo, names, into in ((hub_id.removeprefix("hf-hub:"), BIOMEDCLIP_FILES, folder),
-                              (text_hub_id, HF_TEXT_FILES, folder / Path(text_hub_id).name)):
-        for name in names:
-            try:
-                hf_hub_download(repo, name, local_dir=into)
-            except EntryNotFoundError:
-                if name in ("open_clip_config.json", "open_clip_pytorch_model.bin", "config.json"):
-                    raise
-    return folder
-
-
-_OFFLINE_CHECK = """
-import json, socket, sys
-def no_network(*args, **kwargs):
-    raise OSError("network access during the offline check")
-socket.socket.connect = socket.create_connection = socket.getaddrinfo = no_network
-sys.path.insert(0, sys.argv[1])
-import utils
-from PIL import Image
-model, preprocess, tokenizer = utils.load_clip("local-dir:" + sys.argv[2], "cpu", cache_dir=sys.argv[3])
-text = utils.embed_texts(model, tokenizer, ["An endoscopic image of the right nasal passage."], "cpu", amp="fp32")
-image = model.encode_image(preprocess(Image.new("RGB", (640, 480)))[None])
-print("RESULT" + json.dumps({"text_dim": text.shape[1], "image_dim": image.shape[1],
-                             "tokenizer": type(tokenizer).__name__}))
-"""
-
-
-def check_clip_offline(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict:
-    """Load a local-dir CLIP folder in a fresh interpreter with the Hugging Face hub set offline and
-    sockets disabled, and embed one text and one image: {"text_dim", "image_dim", "tokenizer"}.
-    Raises RuntimeError with the interpreter's error when anything needs the network or is missing."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with tempfile.TemporaryDirectory() as scratch:
-        proc = subprocess.run([sys.executable, "-c", _OFFLINE_CHECK, str(Path(__file__).parent), str(folder),
-                               str(cache_dir or scratch)], env=env, capture_output=True, text=True, timeout=600, check=False)
-    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    if proc.returncode or not result:
-        raise RuntimeError(f"{folder} does not load offline:\n{proc.stderr[-3000:]}")
-    return json.loads(result[0][len("RESULT"):])
 
 
 class ImagePathDataset(Dataset):

@@ -31,6 +31,7 @@ from sklearn.metrics import log_loss
 from torch import nn
 from transformers import BertConfig, BertTokenizer
 
+import biomedclip_offline
 import utils
 from utils import (
     BIOMEDCLIP_FILES,
@@ -252,7 +253,7 @@ def test_unknown_clip_name_lists_the_accepted_forms():
 
 def test_biomedclip_folder_loads_in_a_fresh_offline_interpreter(biomedclip, offline, tmp_path):
     before = listing(biomedclip.folder)
-    result = utils.check_clip_offline(biomedclip.folder, tmp_path / "cache")
+    result = biomedclip_offline.check_clip_offline(biomedclip.folder, tmp_path / "cache")
     assert result == {"text_dim": 512, "image_dim": 512, "tokenizer": "HFTokenizer"}
     assert listing(biomedclip.folder) == before  # the folder (a read-only Kaggle dataset) is never written
 
@@ -345,7 +346,7 @@ def stand_in_hub(hub: Path, skip: tuple[str, ...] = ()) -> None:
 def test_export_biomedclip_writes_the_offline_layout(monkeypatch, tmp_path):
     stand_in_hub(tmp_path / "hub", skip=("special_tokens_map.json", "tokenizer.json"))  # optional in both repos
     calls = fake_hub(monkeypatch, tmp_path / "hub")
-    out = utils.export_biomedclip(tmp_path / "export")
+    out = biomedclip_offline.export_biomedclip(tmp_path / "export")
     assert out == tmp_path / "export"
     assert {repo for repo, _ in calls} == {BIOMEDCLIP_REPO, BIOMEDCLIP_TEXT_HUB_ID}  # no "hf-hub:" prefix
     root = sorted(p.name for p in out.iterdir())
@@ -363,7 +364,7 @@ def test_export_biomedclip_raises_for_a_missing_required_file(monkeypatch, tmp_p
     stand_in_hub(tmp_path / "hub", skip=(missing,))
     fake_hub(monkeypatch, tmp_path / "hub")
     with pytest.raises(EntryNotFoundError, match=missing):
-        utils.export_biomedclip(tmp_path / "export")
+        biomedclip_offline.export_biomedclip(tmp_path / "export")
 
 
 def test_exported_folder_loads_offline(biomedclip, monkeypatch, offline, tmp_path):
@@ -374,9 +375,9 @@ def test_exported_folder_loads_offline(biomedclip, monkeypatch, offline, tmp_pat
             if f.is_file() and not (repo == BIOMEDCLIP_TEXT_HUB_ID and f.name == "tokenizer.json"):
                 link_or_copy(f, hub / repo / f.name)
     fake_hub(monkeypatch, hub)
-    folder = utils.export_biomedclip(tmp_path / "export")
+    folder = biomedclip_offline.export_biomedclip(tmp_path / "export")
     assert not (folder / TEXT_FOLDER / "tokenizer.json").exists()  # the text repo without it still loads
-    result = utils.check_clip_offline(folder, tmp_path / "cache")
+    result = biomedclip_offline.check_clip_offline(folder, tmp_path / "cache")
     assert result["text_dim"] == result["image_dim"] == 512
     shutil.rmtree(folder)  # the weights copy
 
