@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import utils
 from utils import BIOMEDCLIP_FILES, BIOMEDCLIP_HUB_ID, BIOMEDCLIP_TEXT_HUB_ID, HF_TEXT_FILES
 
 
@@ -66,7 +67,7 @@ def check_clip_offline(folder: str | os.PathLike, cache_dir: str | os.PathLike |
     Raises RuntimeError with the interpreter's error when anything needs the network or is missing."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as scratch:
-        proc = subprocess.run([sys.executable, "-c", _OFFLINE_CHECK, str(Path(__file__).parent), str(folder),
+        proc = subprocess.run([sys.executable, "-c", _OFFLINE_CHECK, str(Path(utils.__file__).parent), str(folder),
                                str(cache_dir or scratch)], env=env, capture_output=True, text=True, timeout=600, check=False)
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     if proc.returncode or not result:

@@ -10,6 +10,7 @@
 8. Results       metrics with bootstrap intervals, tables, plots
 9. Retrieval     Tracks 2 and 3: galleries, ranking, region re-ranking, evaluation
 10. Submissions  the challenge's zip files, checked after writing
+11. Learned retrieval  BiomedCLIP fine-tuned contrastively for Tracks 2 and 3 (beyond the paper)
 
 Every helper takes what it uses as arguments; nothing runs at import time. Tensor layout: features
 [N, D] with unit rows, prototypes [C, D], probabilities [N, C], logits = scale * feats @ protos.T.
@@ -131,7 +132,7 @@ FINE_CLASS_TEXTS: dict[str, tuple[str, ...]] = {
 # BiomedCLIP (Zhang et al. 2023), the paper's CLIP model, and the hub repository of its text tower.
 BIOMEDCLIP_HUB_ID: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BIOMEDCLIP_TEXT_HUB_ID: str = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-# Files of each hub repository an offline copy needs (ENTREP.md "Weights"; biomedclip_offline.py).
+# Files of each hub repository an offline copy needs (README "BiomedCLIP offline"; biomedclip_offline.py).
 BIOMEDCLIP_FILES: tuple[str, ...] = ("open_clip_config.json", "open_clip_pytorch_model.bin", "tokenizer.json",
                                      "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 HF_TEXT_FILES: tuple[str, ...] = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -919,14 +920,16 @@ def split_train_val(images: pd.DataFrame, i2i: pd.DataFrame, val_fraction: float
         return np.sort(train), np.sort(val), how
     if split != "grouped":
         raise ValueError(f"split={split!r}: use one of {SPLITS}.")
-    # the fewest folds whose m / k is val_fraction to within 1%: fewer, larger folds stratify each class better
-    share = lambda k: min(max(1, round(val_fraction * k)), k - 1) / k  # m / k as the split below takes it
-    k = min(range(2, 21), key=lambda k: (round(abs(share(k) - val_fraction), 2), k))
+    def val_folds(k: int) -> int:  # m of k folds validate: at least one, and one left to train on
+        return min(max(1, round(val_fraction * k)), k - 1)
+
+    # m / k as near val_fraction as two decimals tell, then the fewest folds: larger folds stratify better
+    k = min(range(2, 21), key=lambda k: (round(abs(val_folds(k) / k - val_fraction), 2), k))
     folds = grouped_fold_ids(labels, split_groups(images, i2i), n_splits=k, seed=seed)
     k = folds.max() + 1
     if k < 2:
         return none, none, f"no split: the {n} labelled images are views of one examination"
-    m = min(max(1, round(val_fraction * k)), k - 1)
+    m = val_folds(k)
     val = np.flatnonzero(folds < m)
     return np.flatnonzero(folds >= m), val, f"{m} of {k} stratified folds grouped by examination"
 

@@ -302,14 +302,14 @@ def test_local_dir_without_text_tower_files_says_what_to_put_where(offline, tmp_
         load_clip(f"local-dir:{folder}", CPU, cache_dir=tmp_path / "cache")
     message = str(err.value)
     assert "config.json and vocab.txt" in message and BIOMEDCLIP_TEXT_HUB_ID in message
-    assert str(folder / TEXT_FOLDER) in message and "export_biomedclip" in message
+    assert str(folder / TEXT_FOLDER) in message and "biomedclip_offline.export_biomedclip" in message
 
 
 def test_folder_without_open_clip_config_names_the_files_needed(tmp_path):
     (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="open_clip_config.json") as err:
         load_clip(f"local-dir:{tmp_path}", CPU, cache_dir=tmp_path / "cache")
-    assert all(name in str(err.value) for name in BIOMEDCLIP_FILES) and "export_biomedclip" in str(err.value)
+    assert all(name in str(err.value) for name in BIOMEDCLIP_FILES) and "biomedclip_offline.export_biomedclip" in str(err.value)
 
 
 # ----------------------------------------------------------------------------------- export_biomedclip
