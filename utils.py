@@ -429,12 +429,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         a = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
         return Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        black = Image.new("RGBA", im.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, im.convert("RGBA")).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
+    if im.has_transparency_data:  # an alpha band, or a transparent colour (PNG tRNS) in any mode
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+    return im.convert("RGB")
 
 
 def load_thumbnail(path: str | os.PathLike, px: int = 256) -> np.ndarray:

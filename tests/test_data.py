@@ -476,11 +476,33 @@ def test_load_rgb_scales_wide_integer_and_float_images_to_8_bits(tmp_path):
         return tmp_path / name
 
     assert gray(save("i8.tif", [0, 1, 100, 255], np.int32)) == [[0, 1, 100, 255]]
-    wide = [0, 256, 33025, 65535, 70000, -1000]  # 33025: x 255 / 65535 rounds up, / 65536 does not
-    assert gray(save("i32.tif", wide, np.int32)) == [[0, 1, 129, 255, 255, 0]]
+    wide = [0, 256, 33025, 60000, 65535, 70000, -1000]  # 33025: x 255 / 65535 rounds up, / 65536 does not
+    assert gray(save("i32.tif", wide, np.int32)) == [[0, 1, 129, 233, 255, 255, 0]]  # 60000: x 255, not x 256
+    assert gray(save("i9.tif", [0, 128, 256], np.int32)) == [[0, 0, 1]]  # a maximum of 256 is past 8 bits
     assert gray(save("f.tif", [0.0, 127.6, 255.0, -3.0], np.float32)) == [[0, 128, 255, 0]]
     assert gray(save("dark16.png", [0, 100, 255], np.uint16)) == [[0, 0, 1]]  # a dark 16-bit image stays dark
     assert [Image.open(tmp_path / n).mode for n in ("i8.tif", "f.tif", "dark16.png")] == ["I", "F", "I;16"]
+
+
+def test_load_rgb_puts_every_kind_of_transparency_on_opaque_black(tmp_path):
+    """The endoscope's background is black: a transparent pixel becomes exactly black, a half-transparent
+    one half as bright, whether the transparency is an alpha band or a transparent colour (PNG tRNS)."""
+    rgba = np.array([[[200, 100, 50, 0], [200, 100, 50, 255], [200, 100, 50, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert _rgb(utils.load_rgb(tmp_path / "rgba.png")).tolist() == [[[0, 0, 0], [200, 100, 50], [100, 50, 25]]]
+    Image.fromarray(np.array([[7, 200]], np.uint8), "L").save(tmp_path / "gray_key.png", transparency=7)
+    assert _rgb(utils.load_rgb(tmp_path / "gray_key.png")).tolist() == [[[0, 0, 0], [200, 200, 200]]]
+    key = np.array([[[9, 9, 9], [200, 100, 50]]], np.uint8)
+    Image.fromarray(key, "RGB").save(tmp_path / "rgb_key.png", transparency=(9, 9, 9))
+    assert _rgb(utils.load_rgb(tmp_path / "rgb_key.png")).tolist() == [[[0, 0, 0], [200, 100, 50]]]
+    Image.fromarray(key, "RGB").save(tmp_path / "rgb.png")  # no transparency: kept as it is
+    assert _rgb(utils.load_rgb(tmp_path / "rgb.png")).tolist() == key.tolist()
+
+
+def test_thumbnails_fit_256_pixels_by_default_and_keep_the_aspect(tmp_path):
+    Image.new("RGB", (640, 480), (10, 20, 30)).save(tmp_path / "frame.png")
+    assert utils.load_thumbnail(tmp_path / "frame.png").shape == (192, 256, 3)
+    assert utils.load_thumbnail(tmp_path / "frame.png", px=64).shape == (48, 64, 3)
 
 
 # ---- test folders, duplicates, problem lines -------------------------------------------------

@@ -364,6 +364,27 @@ def test_inference_over_no_images_gives_empty_outputs():
     assert outputs == {} and labels.dtype == torch.long and labels.shape == (0,)
 
 
+def test_targets_and_inference_stay_on_the_device_of_their_inputs():
+    """On a GPU the labels and the model live on cuda: the targets must be built there and each batch
+    moved there. PyTorch's meta device (shapes without data) stands in for a second device on a CPU."""
+    meta = torch.device("meta")
+    coarse, fine = utils.region_targets(torch.tensor([EAR_L, NOSE_R, THROAT], device=meta))
+    assert coarse.device == meta and all(m.device == t.device == meta for m, t in fine.values())
+
+    class Recorder(torch.nn.Module):  # the device each batch reaches the model on; CPU logits back
+        def __init__(self):
+            super().__init__()
+            self.devices = []
+
+        def forward(self, x):
+            self.devices.append(x.device)
+            return {"coarse": torch.zeros(len(x), 4)}
+
+    model, batches = Recorder(), [(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))] * 2
+    outputs, labels = utils.collect_logits(model, batches, meta, None)
+    assert model.devices == [meta, meta] and outputs["coarse"].shape == (4, 4) and labels.tolist() == [0, 1, 0, 1]
+
+
 def test_class_weights_are_balanced_per_head():
     labels = [NOSE_L] * 3 + [NOSE_R] + [THROAT] * 4 + [EAR_L] * 2
     w = utils.class_weights(labels)

@@ -642,6 +642,17 @@ def test_evaluate_i2i_applies_the_chosen_region_reranking_and_chooses_by_it(held
                       "chosen_on": "6 held-out pairs" if held_out else "all 6 pairs (none held out)"}
 
 
+def test_evaluate_i2i_intervals_are_those_of_1000_resampled_queries():
+    feats, ids = random_unit(40, 8, 3), [f"sha{i}" for i in range(40)]  # random pairs: ranks all over the list
+    relevant = [{i ^ 1} for i in range(40)]
+    table, _ = evaluate_i2i({"random": feats}, ids, range(40), relevant, [])
+    plain = rank_gallery(feats, feats, ids, ids)
+    got = table[table.ranking == "plain"].iloc[0]
+    expected = retrieval_metrics(plain, relevant, n_boot=1000)
+    assert expected != retrieval_metrics(plain, relevant, n_boot=1001)  # these queries tell the two apart
+    assert got[list(expected)].tolist() == list(expected.values())
+
+
 def test_evaluate_i2i_chooses_by_the_choice_pairs_even_when_another_embedding_wins_on_all_pairs():
     # others_win: held-out R@1 0, all pairs 8/12; half: held-out 2/4, all 2/12. The choice rows say "half".
     feats = {"others_win": FEATS["others_win"],
