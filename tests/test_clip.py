@@ -548,6 +548,16 @@ def test_text_prototypes_are_renormalised_means_of_prompt_embeddings(tiny):
         text_prototypes(model, tokenizer, {"ear": ["ear"], "nose": []}, CPU, ["ear", "nose"])
 
 
+def test_fine_class_texts_name_their_own_side_and_state_never_the_other():
+    for label, texts in FINE_CLASS_TEXTS.items():  # every ear / nose text says its side, none the other
+        for side, other in (("left", "right"), ("right", "left")):
+            if side in label:
+                assert all(side in t and other not in t for t in texts), label
+    for state, words in (("vc-open", ("closed", "adducted")), ("vc-closed", ("open", "abducted"))):
+        assert FINE_CLASS_TEXTS[state][0].startswith(state[3:])  # "open ..." / "closed ..."
+        assert not any(w in t for w in words for t in FINE_CLASS_TEXTS[state]), state
+
+
 def test_class_prompts_cover_both_levels_with_the_paper_template():
     assert set(COARSE_CLASS_TEXTS) == set(COARSE_CLASSES) and set(FINE_CLASS_TEXTS) == set(LABELS)
     for names, texts in ((COARSE_CLASSES, COARSE_CLASS_TEXTS), (LABELS, FINE_CLASS_TEXTS)):

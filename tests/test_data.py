@@ -78,6 +78,9 @@ def test_check_params_accepts_the_notebook_defaults_and_the_demo_config():
     utils.check_params(defaults)
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     utils.check_params({**defaults, **demo})
+    paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    assert paper["split"] == "stratified"  # the paper's plain split is a valid choice
+    utils.check_params({**defaults, **paper})
 
 
 def test_check_params_lists_every_bad_parameter_in_one_error(tmp_path):

@@ -699,6 +699,14 @@ def test_check_submission_rejects_malformed_zips(tmp_path, entries):
         check_submission(path, "track1", ["a.png"])
 
 
+def test_submission_files_carry_the_challenges_names(tmp_path):
+    names = {track: write_submission(track, ["a.png"], [0 if track == "track1" else "b.png"], tmp_path,
+                                     gallery=["a.png", "b.png"]) for track in ("track1", "track2", "track3")}
+    assert {t: (p.name, zip_json(p)[0]) for t, p in names.items()} == {
+        "track1": ("submission.zip", "submission.json"), "track2": ("submission_i2i.zip", "submission_i2i.json"),
+        "track3": ("submission_t2i.zip", "submission_t2i.json")}
+
+
 def test_check_submission_names_the_problem_of_a_malformed_zip(tmp_path):
     def make(text, name="submission.json"):
         path = tmp_path / "odd.zip"
