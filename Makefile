@@ -37,7 +37,7 @@ figures: demo
 	cp $(DEMO_OUT)/figures/samples_per_class.png $(DEMO_OUT)/figures/retrieval_gallery_i2i.png \
 		$(DEMO_OUT)/figures/confusion_fine_hybrid.png figures/
 
-# Mutation testing of utils.py's core (benchmarks/MUTATION.md; about an hour on 2 cores, not part of `make
+# Mutation testing of utils.py's core (benchmarks/MUTATION.md; about 20 minutes on 2 cores, not part of `make
 # test`): mutmut mutates the functions below, one small change at a time, and runs the fast tests against
 # each (pyproject.toml [tool.mutmut]). Then `$(VENV)/bin/mutmut results` lists what survived and
 # `$(VENV)/bin/mutmut show NAME` shows a mutant's diff. Names are mutmut's: x_<function>, xǁ<class>ǁ<method>.

@@ -81,7 +81,7 @@ def main() -> int:
     total = sum(counts.values())
     print(f"mutants checked: {len(checked)}; equivalent (benchmarks/MUTATION.md): {len(equivalent & set(checked))}")
     print("  " + ", ".join(f"{s}: {n}" for s, n in sorted(counts.items())))
-    print(f"mutation score: {killed} killed / {total} = {100 * killed / max(total, 1):.1f}%")
+    print(f"mutation score: {killed} killed / {total} = {100 * killed / max(total, 1):.2f}%")
     stale = sorted(name for name in equivalent if checked.get(name, "survived") != "survived")
     if stale:
         print(f"listed as equivalent but {', '.join(sorted({checked.get(n, 'absent') for n in stale}))}: " + " ".join(stale))
