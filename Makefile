@@ -70,7 +70,7 @@ MUTATION_SCOPE += x__ids x_coarse_of x_summary_metrics x_classification_table x_
 	x_comparison_table x_branch_accuracy
 # section 9 retrieval
 MUTATION_SCOPE += x_retrieval_gallery x_cosine_topk x_rerank_by_region x_rank_gallery x_retrieval_hits \
-	x_retrieval_metrics x_choose_rerank_beta x_held_out_images x_i2i_eval_set x_validation_distractors \
+	x_retrieval_metrics x_best_retrieval_row x_choose_rerank_beta x_held_out_images x_i2i_eval_set x_validation_distractors \
 	x_evaluate_i2i x_caption_queries x_description_queries x__finding_queries x_text_to_image
 # section 10 submissions
 MUTATION_SCOPE += x_write_submission x_check_submission

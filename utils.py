@@ -2313,6 +2313,11 @@ def retrieval_metrics(ranked: torch.Tensor | np.ndarray, relevant: Sequence[Iter
     return out
 
 
+def best_retrieval_row(table: pd.DataFrame) -> pd.Series:
+    """The retrieval choice rule: the row with the best R@1, then MRR, then the first in the table's order."""
+    return table.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
+
+
 def choose_rerank_beta(scores: torch.Tensor, indices: torch.Tensor, query_region: torch.Tensor,
                        gallery_region: torch.Tensor, relevant: Sequence[Iterable[int]]) -> tuple[float, pd.DataFrame]:
     """Region re-ranking boost from RERANK_BETA_GRID chosen on the given pairs only: best R@1, then MRR,
@@ -2320,7 +2325,7 @@ def choose_rerank_beta(scores: torch.Tensor, indices: torch.Tensor, query_region
     table = pd.DataFrame([{"beta": beta, **retrieval_metrics(rerank_by_region(scores, indices, query_region,
                                                                               gallery_region, beta)[1], relevant, (1, 5))}
                           for beta in sorted(RERANK_BETA_GRID)])
-    return float(table.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]["beta"]), table
+    return float(best_retrieval_row(table)["beta"]), table
 
 
 def held_out_images(data: EntrepData, train_paths: Iterable[str], val_paths: Iterable[str]) -> set[str]:
@@ -2387,7 +2392,7 @@ def evaluate_i2i(feats: Mapping[str, torch.Tensor], ids: Sequence[str], query_ro
                              **retrieval_metrics(r[idx], [relevant[i] for i in idx], n_boot=1000)})
     table = pd.DataFrame(rows)
     pick = table[(table["pairs"] == next(iter(subsets))) & (table["ranking"] == "region re-rank")]
-    best = pick.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
+    best = best_retrieval_row(pick)
     where = f"{len(choose_on)} held-out pairs" if held_out else f"all {len(queries)} pairs (none held out)"
     return table, {"embedding": best["embedding"], "beta": betas[best["embedding"]], "chosen_on": where}
 
@@ -2655,7 +2660,7 @@ def train_retrieval(model: nn.Module, tokenizer: Callable, preprocess: Callable,
     run_id = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     run_dir = Path(checkpoint_dir) / f"retrieval_{run_id[:12]}"
     tuned = copy.deepcopy(model).to(device)
-    trainable = make_tunable(tuned, cfg)
+    trainable = set(make_tunable(tuned, cfg))
     state, best = _resume_state(run_dir, run_id)
     if state is not None and state["finished"]:
         tqdm.write(f"train_retrieval: reusing finished run {run_dir}.")
@@ -2703,7 +2708,7 @@ def train_retrieval(model: nn.Module, tokenizer: Callable, preprocess: Callable,
             optimizer_step(optimizer, scheduler, scaler)
             total += loss.item()
         history.append({"epoch": epoch + 1, "train_loss": total / max(len(loader), 1), "seconds": time.perf_counter() - started})
-        weights = {k: v for k, v in tuned.state_dict().items() if k in set(trainable)}
+        weights = {k: v for k, v in tuned.state_dict().items() if k in trainable}
         atomic_save({"model": weights, "epoch": epoch + 1}, run_dir / "best.pt")
         atomic_save({"run_id": run_id, "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "finished": epoch + 1 == cfg.epochs,
@@ -2725,11 +2730,12 @@ def _retrieval_loss(model: nn.Module, tokenizer: Callable, first: torch.Tensor, 
     eye = torch.eye(len(g), dtype=torch.bool, device=device)
     sim = (views @ views.T / temperature).masked_fill(eye, float("-inf"))
     loss = multi_positive_nce(sim, (g[:, None] == g[None, :]) & ~eye)
-    keys = list(dict.fromkeys(finding_key(t) for t in chosen if t))
-    if keys:
-        spelling = {finding_key(t): t for t in chosen if t}
+    spelling = {finding_key(t): t for t in chosen if t}  # one query per key (its last spelling), in first-seen order
+    if spelling:
+        keys = list(spelling)
         text = F.normalize(model.encode_text(tokenizer([spelling[k] for k in keys]).to(device)).float(), dim=-1)  # (K, D)
-        carries = torch.tensor([[k in {finding_key(t) for t in mine} for mine in carried] for k in keys], device=device)
+        carried_keys = [{finding_key(t) for t in mine} for mine in carried]
+        carries = torch.tensor([[k in mine for mine in carried_keys] for k in keys], device=device)
         sim_t = text @ views[:len(first)].T / temperature  # (K, B)
         loss = loss + multi_positive_nce(sim_t, carries) + multi_positive_nce(sim_t.T, carries.T)
     return loss
@@ -2755,5 +2761,5 @@ def evaluate_t2i(models: Mapping[str, tuple[nn.Module, FeatureTable]], tokenizer
     if table.empty:
         return table, {"model": next(iter(models)), "chosen_on": "no held-out captions or finding lines: the first model"}
     first = table[table["queries"] == table["queries"].iloc[0]]
-    best = first.sort_values(["R@1", "MRR"], ascending=False, kind="stable").iloc[0]
+    best = best_retrieval_row(first)
     return table, {"model": best["model"], "chosen_on": f"{best['n']} held-out {best['queries']}"}
