@@ -1539,6 +1539,11 @@ class SquareImages(Dataset):
             return self.transform(Image.fromarray(image.permute(1, 2, 0).numpy())), label
 
 
+def train_square_side(image_size: int) -> int:
+    """Side of the uint8 squares a training set caches: TRAIN_CACHE_SCALE larger than the input, for crops."""
+    return math.ceil(image_size * TRAIN_CACHE_SCALE)
+
+
 def dino_transform(model: nn.Module, image_size: int, train: bool) -> Callable[[Image.Image], torch.Tensor]:
     """The backbone's own preprocessing (timm resolve_model_data_config + create_transform: mean, std,
     interpolation) at image_size. Train: rotation, then random-resized-crop and colour jitter with
@@ -1730,7 +1735,7 @@ def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cf
     (run_dir / "config.json").write_text(json.dumps({"run_id": run_id, **identity}, indent=1))
     model.to(device)
     train_set = SquareImages(train["path"].tolist(), train["label_id"].tolist(), dino_transform(model, size, True),
-                             math.ceil(size * TRAIN_CACHE_SCALE), cfg.flip_p)
+                             train_square_side(size), cfg.flip_p)
     val_set = SquareImages(val["path"].tolist(), val["label_id"].tolist(), dino_transform(model, size, False), size)
     sampler = EpochSampler(len(train_set), cfg.seed)
     train_loader = _loader(train_set, cfg.batch_size, num_workers, device, sampler=sampler)
@@ -2674,7 +2679,7 @@ def train_retrieval(model: nn.Module, tokenizer: Callable, preprocess: Callable,
     transform = T.Compose([T.RandomRotation(a["rotate_degrees"], interpolation=T.InterpolationMode.BILINEAR, fill=0),
                            T.RandomResizedCrop(size, scale=a["scale"], ratio=a["ratio"], interpolation=T.InterpolationMode.BICUBIC),
                            T.ColorJitter(a["color_jitter"], a["color_jitter"], a["color_jitter"]), T.ToTensor(), normalize])
-    views = TwoViews(train["path"].tolist(), None, transform, math.ceil(size * TRAIN_CACHE_SCALE), cfg.mirror_p)
+    views = TwoViews(train["path"].tolist(), None, transform, train_square_side(size), cfg.mirror_p)
     sampler = EpochSampler(len(views), cfg.seed, groups=train["group"].tolist())
     loader = _loader(views, cfg.batch_size, num_workers, device, sampler=sampler, drop_last=len(views) > cfg.batch_size)
     groups = torch.tensor(train["group"].to_numpy())

@@ -381,14 +381,9 @@ def write_pngs(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def train_cache_size(image_size: int) -> int:
-    """Side of the uint8 squares train_dino caches for training crops at image_size."""
-    return math.ceil(image_size * utils.TRAIN_CACHE_SCALE)
-
-
 def decode_section(args, paths: list[Path]) -> dict:
     clip_items = utils.ImagePathDataset(paths, image_transform_v2(PreprocessCfg(size=224), is_train=False))
-    size = train_cache_size(336)
+    size = utils.train_square_side(336)
     fns = {
         "decode only (utils.load_rgb)": lambda: [utils.load_rgb(p) for p in paths],
         "CLIP: decode + preprocess 224 (ImagePathDataset)": lambda: [clip_items[i] for i in range(len(paths))],
@@ -432,7 +427,7 @@ def augment_rate(paths: list[Path], image_size: int, rounds: int) -> dict:
     """Per-worker rate of the training input pipeline after the decode: SquareImages items
     (cached uint8 square -> flip + label swap, rotation, random resized crop, colour jitter)."""
     transform = utils.dino_transform(utils.build_dino("tiny", "", image_size), image_size, train=True)
-    dataset = utils.SquareImages(paths, [0] * len(paths), transform, train_cache_size(image_size), flip_p=0.5)
+    dataset = utils.SquareImages(paths, [0] * len(paths), transform, utils.train_square_side(image_size), flip_p=0.5)
     keys = [(i, 1000 + i) for i in range(len(paths))]
     rate = interleaved_best({"augment": (lambda: [dataset[k] for k in keys], len(keys))}, torch.device("cpu"), rounds)
     return {"image_size": image_size, "items_per_s_per_worker": rate["augment"]["best"]}
