@@ -8,14 +8,14 @@ DEMO_OUT ?= outputs/demo
 # with passive waiting, which costs the large matrix multiplies nothing (benchmarks/README.md).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench figures mutation clean
+.PHONY: install demo test bench figures mutation clean kaggle-wheels
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 # The whole notebook on the synthetic demo data: offline, CPU, tiny random models.
@@ -28,6 +28,20 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# The one Kaggle dataset a run with internet off needs besides data and weights (kaggle/README.md): the project's
+# modules, the notebook, its configs, and wheels of what Kaggle's image lacks, at the versions installed here.
+KAGGLE_DIST ?= dist/kaggle
+KAGGLE_WHEELS = open_clip_torch ftfy wcwidth
+kaggle-wheels: install
+	rm -rf $(KAGGLE_DIST) && mkdir -p $(KAGGLE_DIST)/wheels $(KAGGLE_DIST)/configs
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d $(KAGGLE_DIST)/wheels \
+		$(foreach p,$(KAGGLE_WHEELS),"$(p)==$$($(PY) -c 'import importlib.metadata as m; print(m.version("$(p)"))')")
+	cp utils.py training.py retrieval.py plots.py preflight.py runtime.py biomedclip_offline.py demo_data.py \
+		entrep-prototypical.ipynb $(KAGGLE_DIST)/
+	cp configs/*.yaml $(KAGGLE_DIST)/configs/
+	cp kaggle/README.md kaggle/dataset-metadata.json $(KAGGLE_DIST)/
+	@echo "Wrote $(KAGGLE_DIST): attach it to the Kaggle notebook as one dataset (kaggle/README.md)"
+
 # Speed of embedding, decoding, fine-tuning, the demo and retrieval (README.md "Performance").
 bench: install
 	$(PY) benchmarks/bench.py --out outputs/benchmark.json --markdown outputs/benchmark.md
@@ -37,49 +51,54 @@ figures: demo
 	cp $(DEMO_OUT)/figures/samples_per_class.png $(DEMO_OUT)/figures/retrieval_gallery_i2i.png \
 		$(DEMO_OUT)/figures/confusion_fine_hybrid.png figures/
 
-# Mutation testing of utils.py's core (benchmarks/MUTATION.md; about 20 minutes on 2 cores, not part of `make
-# test`): mutmut mutates the functions below, one small change at a time, and runs the fast tests against
+# Mutation testing of the method's core (benchmarks/MUTATION.md; about 20 minutes on 2 cores, not part of
+# `make test`): mutmut mutates the functions below, one small change at a time, and runs the fast tests against
 # each (pyproject.toml [tool.mutmut]). Then `$(VENV)/bin/mutmut results` lists what survived and
-# `$(VENV)/bin/mutmut show NAME` shows a mutant's diff. Names are mutmut's: x_<function>, xǁ<class>ǁ<method>.
-# Out of scope: sections 1-2 and 4 (constants are module code, which mutmut does not mutate; setup; CLIP
-# loading and caches), plots, the DINOv2 weight files and training loop, sections after 10.
-# section 3 data
-MUTATION_SCOPE += x_load_rgb x_load_thumbnail x_file_sha1 x_check_image x_normalize_label \
-	x_split_finding_lines x_finding_key xǁFileIndexǁbuild xǁFileIndexǁresolve xǁEntrepDataǁsummary \
-	xǁEntrepDataǁproblem_lines xǁ_Collectorǁ__init__ xǁ_Collectorǁproblem xǁ_Collectorǁimage \
-	xǁ_Collectorǁcheck_all xǁ_Collectorǁok x__read_json x__label_row x__source_name x__load_train_release \
-	x__load_public_release x_read_query_csv x__load_queries x__class_folder_rows x_find_annotation_files \
-	x_load_entrep x__drop_duplicate_records x_find_leakage x_select_test_queries x_exam_id x_split_groups \
-	x_grouped_fold_ids x_split_train_val x_sample_per_class
-# section 5 prototypes
-MUTATION_SCOPE += x_class_prompts x_add_description_prompts x_image_prototypes x_text_prototypes \
-	x_joint_prototypes x_prototype_probs xǁPrototypeClassifierǁpredict_proba x_choose_prototype_weight \
-	x_fit_prototype_classifier x_fit_prototypes
-# section 6 DINOv2 (not the training loop)
-MUTATION_SCOPE += xǁDinoClassifierǁ__init__ xǁDinoClassifierǁforward x_region_targets x_multitask_loss \
-	x_class_weights x_task_images x_decode_square x_flip_label_id x_seeded_rng xǁSquareImagesǁ__init__ \
-	xǁSquareImagesǁ__len__ xǁSquareImagesǁ__getitem__ x_dino_transform x_dino_image_size x_epoch_seed \
-	xǁEpochSamplerǁ__init__ xǁEpochSamplerǁset_epoch xǁEpochSamplerǁ__len__ xǁEpochSamplerǁ__iter__ x__loader \
-	x_param_groups x_warmup_cosine x_dino_val_score xǁTrainedDinoǁsummary x_collect_logits x_task_probs \
-	x_flip_tta_probs x__dino_rows x_predict_dino x_dino_features
-# section 7 hybrid
-MUTATION_SCOPE += x__coarse_probs x_region_then_fine x_hybrid_predict x_soft_fusion_predict x_best_grid_value \
-	x_choose_fusion
-# section 8 results
-MUTATION_SCOPE += x__ids x_coarse_of x_summary_metrics x_classification_table x_batched_scores x_bootstrap_ci \
-	x_comparison_table x_branch_accuracy
-# section 9 retrieval
-MUTATION_SCOPE += x_retrieval_gallery x_cosine_topk x_rerank_by_region x_rank_gallery x_retrieval_hits \
-	x_retrieval_metrics x_best_retrieval_row x_choose_rerank_beta x_held_out_images x_i2i_eval_set x_validation_distractors \
-	x_evaluate_i2i x_caption_queries x_description_queries x__finding_queries x_text_to_image
-# section 10 submissions
-MUTATION_SCOPE += x_write_submission x_check_submission
+# `$(VENV)/bin/mutmut show NAME` shows a mutant's diff. Names are mutmut's: <module>.x_<function>,
+# <module>.xǁ<class>ǁ<method>. Out of scope: constants (module code, which mutmut does not mutate), setup, CLIP
+# loading and caches, figures other than thumbnails, the DINOv2 weight files, and the training harness with the
+# recipes it runs (training.fit and what it calls per epoch: the notebook and training tests cover them).
+# utils.py, section 1 label maps and section 3 data
+MUTATION_SCOPE += utils.x__ids utils.x_coarse_of utils.x_flip_label_id utils.xǁLevelǁids utils.xǁLevelǁnames \
+	utils.x_load_rgb utils.x_file_sha1 utils.x_check_image utils.x_normalize_label utils.x_split_finding_lines \
+	utils.x_finding_key utils.xǁFileIndexǁbuild utils.xǁFileIndexǁresolve utils.xǁEntrepDataǁsummary \
+	utils.xǁEntrepDataǁproblem_lines utils.xǁ_Ledgerǁ__init__ utils.xǁ_Ledgerǁproblem utils.xǁ_Ledgerǁrecord \
+	utils.xǁ_Ledgerǁimage utils.xǁ_Ledgerǁsource utils.xǁ_Ledgerǁcheck_all utils.xǁ_Ledgerǁok utils.x__read_json \
+	utils.x__label_row utils.x__load_train_release utils.x__load_public_release utils.x_read_query_csv \
+	utils.x__load_queries utils.x__load_class_folders utils.x_find_annotation_files utils.x_load_entrep \
+	utils.x__tables utils.x__drop_duplicate_records utils.x_find_leakage utils.x_select_test_queries utils.x_exam_id \
+	utils.x_split_groups utils.x_grouped_fold_ids utils.x_split_train_val utils.x_sample_per_class plots.x_load_thumbnail
+# utils.py, sections 5-6: scores and prototypes
+MUTATION_SCOPE += utils.x_summary_metrics utils.x_classification_table utils.x_batched_scores utils.x_bootstrap_ci \
+	utils.x_comparison_table utils.x_class_prompts utils.x_add_description_prompts utils.x_image_prototypes \
+	utils.x_text_prototypes utils.x_joint_prototypes utils.x_prototype_probs utils.xǁPrototypeClassifierǁpredict_proba \
+	utils.x_choose_prototype_weight utils.x_fit_prototype_classifier utils.x_fit_prototypes
+# utils.py, section 7 DINOv2 heads, images and inference; training.py, its losses, data and schedule
+MUTATION_SCOPE += utils.xǁDinoClassifierǁ__init__ utils.xǁDinoClassifierǁforward utils.x_decode_square \
+	utils.x_seeded_rng utils.xǁSquareImagesǁ__init__ utils.xǁSquareImagesǁ__len__ utils.xǁSquareImagesǁ__getitem__ \
+	utils.x_dino_data_config utils.x_dino_transform utils.x_dino_image_size utils.x_make_loader \
+	utils.xǁTrainedǁsummary utils.x_collect_logits utils.x_task_probs utils.x_flip_tta_probs \
+	utils.x__cached_dino_rows utils.x_predict_dino utils.x_dino_features \
+	training.x_region_targets training.x_multitask_loss training.x_class_weights training.x_task_images \
+	training.x_epoch_seed training.xǁEpochSamplerǁ__init__ training.xǁEpochSamplerǁset_epoch \
+	training.xǁEpochSamplerǁ__len__ training.xǁEpochSamplerǁ__iter__ training.x_param_groups training.x_warmup_cosine \
+	training.x_dino_val_score
+# utils.py, sections 8-9: hybrid and submissions
+MUTATION_SCOPE += utils.x__coarse_probs utils.x_region_then_fine utils.x_hybrid_predict utils.x_soft_fusion_predict \
+	utils.x_best_grid_value utils.x_choose_fusion utils.x_branch_accuracy utils.x_write_submission \
+	utils.x_check_submission
+# retrieval.py
+MUTATION_SCOPE += retrieval.x_gallery_images retrieval.x_cosine_topk retrieval.x_rerank_by_region \
+	retrieval.x_rank_gallery retrieval.x_retrieval_hits retrieval.x_retrieval_metrics retrieval.x_best_retrieval_row \
+	retrieval.x_choose_rerank_beta retrieval.x_held_out_images retrieval.x_i2i_eval_set \
+	retrieval.x_validation_distractors retrieval.x_evaluate_i2i retrieval.x_caption_queries \
+	retrieval.x_description_queries retrieval.x__finding_queries retrieval.x_text_to_image
 
 mutation: install
 	$(PY) -m pip install -q "mutmut==3.8.1"
 	rm -rf mutants
-	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(foreach f,$(MUTATION_SCOPE),"utils.$(f)__mutmut_*")
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(foreach f,$(MUTATION_SCOPE),"$(f)__mutmut_*")
 	$(PY) benchmarks/mutation.py
 
 clean:
-	rm -rf outputs .pytest_cache mutants
+	rm -rf outputs .pytest_cache mutants dist

@@ -93,8 +93,10 @@ def render_demo_image(view: dict) -> Image.Image:
     a = np.asarray(view["anatomy"])
     tint = np.asarray(view["tint"])
     tex_rng = np.random.default_rng(view["texture_seed"])
-    base_rgb = {"ear": (150, 95, 80), "nose": (205, 120, 115), "vc": (170, 80, 85), "throat": (200, 85, 80)}[view["region"]]
-    texture = Image.fromarray((tex_rng.uniform(0.75, 1.15, (12, 16)) * 255 / 1.15).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    base_rgb = {"ear": (150, 95, 80), "nose": (205, 120, 115), "vc": (170, 80, 85),
+                "throat": (200, 85, 80)}[view["region"]]
+    noise = (tex_rng.uniform(0.75, 1.15, (12, 16)) * 255 / 1.15).astype(np.uint8)
+    texture = Image.fromarray(noise).resize((w, h), Image.BICUBIC)
     canvas = ImageChops.multiply(texture.convert("RGB"), Image.new("RGB", (w, h), _tinted(base_rgb, tint)))
     draw = ImageDraw.Draw(canvas)
     {"ear": _draw_ear, "nose": _draw_nose, "vc": _draw_vc, "throat": _draw_throat}[view["region"]](draw, view, a, tint)
@@ -103,7 +105,8 @@ def render_demo_image(view: dict) -> Image.Image:
                            fillcolor=_tinted(base_rgb, tint * 0.8))
     s = view["scale"]
     cw, ch = int(w / s), int(h / s)
-    canvas = canvas.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)).resize((w, h), Image.BILINEAR)
+    box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+    canvas = canvas.crop(box).resize((w, h), Image.BILINEAR)
     glare = ImageDraw.Draw(canvas)
     for gx, gy, gr in view["glare"]:
         x, y, r = 170 + gx * 300, 90 + gy * 300, 6 + gr * 18
@@ -318,7 +321,8 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 
             jobs.append((view, root / "public" / "images" / on_disk))
             en, vi = demo_caption(view)
             records.append({"Path": file, "Classification": view["label"], "Type": "abnormal",
-                            "Description": vi + "\r\n(dữ liệu tổng hợp)", "DescriptionEN": en + "\r\n(synthetic)"})
+                            "Description": vi + "\r\n(dữ liệu tổng hợp)",
+                            "DescriptionEN": en + "\r\n(synthetic)"})
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "README_SYNTHETIC.txt").write_text(DEMO_NOTICE + "\n", encoding="utf-8")

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/memory.py --n 100000
 
 Writes N small synthetic PNGs (content does not change memory use), embeds them with the tiny
-CLIP through utils.embed_images (DataLoader streaming, features cache), then runs exact top-k
-retrieval of every image against all (itself excluded) with utils.cosine_topk. Reports the peak
+CLIP through utils.embed_images (a runtime.Runtime: the CPU's autocast dtype, DataLoader streaming in two
+workers, the features cache under cache_dir/features), then runs exact top-k
+retrieval of every image against all (itself excluded) with retrieval.cosine_topk. Reports the peak
 resident memory of each stage (a fresh child process per stage) next to the size of the feature
 table itself: what grows with N is the [N, D] table and the [N, k] result, not N x N scores.
 """
@@ -80,22 +81,24 @@ def _imports() -> None:
 def _embed(paths: list[str], cache: str, out: str) -> None:
     import torch
 
+    import runtime
     import utils
 
-    model, preprocess, _ = utils.load_clip("tiny", "cpu")
-    feats = utils.embed_images(model, preprocess, paths, torch.device("cpu"), batch_size=256, num_workers=2,
-                               cache_dir=cache, progress=False)
+    cpu = torch.device("cpu")
+    rt = runtime.Runtime(cpu, runtime.autocast_dtype(cpu), batch_size=256, num_workers=2, cache_dir=Path(cache),
+                         progress=False)
+    feats = utils.embed_images(utils.load_clip("tiny", cpu), paths, rt)
     torch.save(feats, out)
 
 
 def _retrieve(feats_path: str) -> dict:
     import torch
 
-    import utils
+    import retrieval
 
     feats = torch.load(feats_path)
     ids = range(len(feats))  # the query set is the gallery: equal ids exclude each image itself
-    utils.cosine_topk(feats, feats, 10, query_ids=ids, gallery_ids=ids)
+    retrieval.cosine_topk(feats, feats, 10, query_ids=ids, gallery_ids=ids)
     return {"dim": feats.shape[1]}
 
 

@@ -5,6 +5,7 @@ random ViT-B/16 and a tiny BERT text tower), once per module."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -33,19 +34,24 @@ from transformers import BertConfig, BertTokenizer
 
 import biomedclip_offline
 import utils
+from biomedclip_offline import BIOMEDCLIP_FILES, BIOMEDCLIP_TEXT_HUB_ID
+from plots import plot_embedding_projection
+from runtime import Runtime
 from utils import (
-    BIOMEDCLIP_FILES,
     BIOMEDCLIP_HUB_ID,
-    BIOMEDCLIP_TEXT_HUB_ID,
     COARSE_CLASS_TEXTS,
     COARSE_CLASSES,
     FINE_CLASS_TEXTS,
+    JOINT_WEIGHT_GRID,
     LABEL_TO_COARSE,
+    LABEL_TO_ID,
     LABELS,
+    LEVELS,
     PROMPT_TEMPLATES,
-    PROTOTYPE_TEMPERATURE_GRID,
-    PROTOTYPE_WEIGHT_GRID,
+    TEMPERATURE_GRID,
+    Clip,
     FeatureTable,
+    Level,
     add_description_prompts,
     choose_prototype_weight,
     class_prompts,
@@ -56,7 +62,6 @@ from utils import (
     image_prototypes,
     joint_prototypes,
     load_clip,
-    plot_embedding_projection,
     prototype_probs,
     text_prototypes,
 )
@@ -87,6 +92,14 @@ SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
 
 
 # ----------------------------------------------------------------------------------- helpers, fixtures
+
+
+def runtime(cache_dir: Path | None = None, **kw) -> Runtime:
+    """A CPU Runtime, fp32 unless amp= says otherwise, without progress bars."""
+    return Runtime(CPU, cache_dir=cache_dir, progress=False, **kw)
+
+
+FP32 = runtime()
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -212,34 +225,32 @@ def count_encodes(monkeypatch, model) -> list[int]:
 
 
 def test_tiny_clip_embeds_images_and_texts_as_unit_vectors(tiny, image_paths):
-    model, preprocess, tokenizer = tiny
-    img = embed_images(model, preprocess, image_paths, CPU, batch_size=4, progress=False)
-    with_workers = embed_images(model, preprocess, image_paths, CPU, batch_size=4, num_workers=2, progress=False)
+    img = embed_images(tiny, image_paths, runtime(batch_size=4))
+    with_workers = embed_images(tiny, image_paths, runtime(batch_size=4, num_workers=2))
     assert torch.allclose(img, with_workers, atol=1e-6)  # same order and values through worker processes
-    txt = embed_texts(model, tokenizer, ["an endoscopic image of the ear.", "nose"], CPU)
+    txt = embed_texts(tiny, ["an endoscopic image of the ear.", "nose"], FP32)
     assert img.shape == (6, 32) and txt.shape == (2, 32)
     assert img.dtype == torch.float32 and txt.dtype == torch.float32
     assert torch.allclose(img.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.allclose(txt.norm(dim=1), torch.ones(2), atol=1e-5)
-    assert not torch.allclose(txt[0], txt[1], atol=1e-3) and not model.training
+    assert not torch.allclose(txt[0], txt[1], atol=1e-3) and not tiny.model.training
 
 
 def test_tiny_clip_depends_only_on_seed_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    a, b, c = (load_clip("tiny", CPU, seed=s)[0].state_dict() for s in (0, 0, 1))
+    a, b, c = (load_clip("tiny", CPU, seed=s).model.state_dict() for s in (0, 0, 1))
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
 
 
 def test_bf16_autocast_embeddings_close_to_fp32(tiny, image_paths):
-    model, preprocess, tokenizer = tiny
-    fp32 = embed_images(model, preprocess, image_paths, CPU, amp="fp32", progress=False)
-    bf16 = embed_images(model, preprocess, image_paths, CPU, amp="bf16", progress=False)
+    fp32 = embed_images(tiny, image_paths, FP32)
+    bf16 = embed_images(tiny, image_paths, runtime(amp=torch.bfloat16))
     assert bf16.dtype == torch.float32 and torch.allclose(bf16.norm(dim=1), torch.ones(6), atol=1e-5)
     assert (fp32 * bf16).sum(1).min() > 0.98  # cosine between the two runs
     texts = ["An endoscopic image of the right nasal passage.", "vocal cords"]
-    t32, t16 = (embed_texts(model, tokenizer, texts, CPU, amp=amp) for amp in ("fp32", "bf16"))
+    t32, t16 = (embed_texts(tiny, texts, runtime(amp=amp)) for amp in (None, torch.bfloat16))
     assert (t32 * t16).sum(1).min() > 0.98
 
 
@@ -262,7 +273,8 @@ def test_biomedclip_local_dir_loads_the_saved_weights_in_process(biomedclip, off
     before = listing(biomedclip.folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)  # a model left at its random init would not match the saved one
-        model, preprocess, tokenizer = load_clip(f"local-dir:{biomedclip.folder}", CPU, cache_dir=tmp_path / "cache")
+        clip = load_clip(f"local-dir:{biomedclip.folder}", CPU, cache_dir=tmp_path / "cache")
+    model, preprocess, tokenizer = clip.model, clip.preprocess, clip.tokenizer
     assert listing(biomedclip.folder) == before and not model.training
     with torch.inference_mode():
         assert torch.allclose(model.encode_image(biomedclip.pixels), biomedclip.image_ref, atol=1e-4)
@@ -270,9 +282,10 @@ def test_biomedclip_local_dir_loads_the_saved_weights_in_process(biomedclip, off
     texts = ["An endoscopic image of the right nasal passage.", "this is a photo of the left ear canal."]
     tokens = tokenizer(texts)
     assert tokens.shape == (2, 256) and tokens[0, 0].item() == VOCAB.index("[CLS]")  # BERT tokens, context 256
-    assert tokens[0, 1:8].tolist() == [VOCAB.index(w) for w in ("an", "endoscopic", "image", "of", "the", "right", "nasal")]
+    words = ("an", "endoscopic", "image", "of", "the", "right", "nasal")
+    assert tokens[0, 1:8].tolist() == [VOCAB.index(w) for w in words]
     assert not torch.equal(tokens[0], tokens[1])
-    txt = embed_texts(model, tokenizer, texts, CPU, amp="fp32")
+    txt = embed_texts(clip, texts, FP32)
     with torch.inference_mode():
         assert torch.allclose(txt, F.normalize(model.encode_text(tokens), dim=-1), atol=1e-5)
     x = preprocess(Image.new("RGB", (640, 480), (255, 255, 255)))
@@ -287,10 +300,10 @@ def test_text_tower_at_an_absolute_hf_model_name_path(biomedclip, offline, tmp_p
     write_tokenizer_files(folder)
     write_config(folder, text_tower=str(bert.resolve()))
     link_or_copy(biomedclip.folder / "open_clip_pytorch_model.bin", folder / "open_clip_pytorch_model.bin")
-    model, _, tokenizer = load_clip(f"local-dir:{folder}", CPU, cache_dir=tmp_path / "cache")
+    clip = load_clip(f"local-dir:{folder}", CPU, cache_dir=tmp_path / "cache")
     with torch.inference_mode():
-        assert torch.allclose(model.encode_text(biomedclip.tokens), biomedclip.text_ref, atol=1e-5)
-    assert embed_texts(model, tokenizer, ["vocal cords open"], CPU, amp="fp32").shape == (1, 512)
+        assert torch.allclose(clip.model.encode_text(biomedclip.tokens), biomedclip.text_ref, atol=1e-5)
+    assert embed_texts(clip, ["vocal cords open"], FP32).shape == (1, 512)
 
 
 def test_local_dir_without_text_tower_files_says_what_to_put_where(offline, tmp_path):
@@ -309,7 +322,8 @@ def test_folder_without_open_clip_config_names_the_files_needed(tmp_path):
     (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="open_clip_config.json") as err:
         load_clip(f"local-dir:{tmp_path}", CPU, cache_dir=tmp_path / "cache")
-    assert all(name in str(err.value) for name in BIOMEDCLIP_FILES) and "biomedclip_offline.export_biomedclip" in str(err.value)
+    message = str(err.value)
+    assert all(name in message for name in BIOMEDCLIP_FILES) and "biomedclip_offline.export_biomedclip" in message
 
 
 # ----------------------------------------------------------------------------------- export_biomedclip
@@ -336,7 +350,8 @@ def fake_hub(monkeypatch, hub: Path) -> list[tuple[str, str]]:
 
 def stand_in_hub(hub: Path, skip: tuple[str, ...] = ()) -> None:
     """Both repositories with small stand-in files that name their repository; `skip` names are absent."""
-    for repo, names in ((BIOMEDCLIP_REPO, BIOMEDCLIP_FILES), (BIOMEDCLIP_TEXT_HUB_ID, utils.HF_TEXT_FILES)):
+    for repo, names in ((BIOMEDCLIP_REPO, BIOMEDCLIP_FILES),
+                        (BIOMEDCLIP_TEXT_HUB_ID, biomedclip_offline.HF_TEXT_FILES)):
         (hub / repo).mkdir(parents=True)
         for name in names:
             if name not in skip:
@@ -386,38 +401,38 @@ def test_exported_folder_loads_offline(biomedclip, monkeypatch, offline, tmp_pat
 
 
 def test_cache_second_call_never_calls_the_model(monkeypatch, image_paths, tmp_path):
-    model, preprocess, _ = load_clip("tiny", CPU)
+    clip = load_clip("tiny", CPU)
     copy_of_0 = tmp_path / "copy_of_img0.png"
     shutil.copyfile(image_paths[0], copy_of_0)
     paths = [*image_paths, copy_of_0]
-    calls = count_encodes(monkeypatch, model)
-    kw = {"amp": "fp32", "cache_dir": tmp_path / "cache", "progress": False}
-    first = embed_images(model, preprocess, paths, CPU, **kw)
+    calls = count_encodes(monkeypatch, clip.model)
+    rt = runtime(tmp_path / "cache")
+    first = embed_images(clip, paths, rt)
     assert sum(calls) == 6  # one encoding per content: the copy is not encoded again
     assert torch.equal(first[6], first[0])
     calls.clear()
-    second = embed_images(model, preprocess, paths[::-1], CPU, **kw)
+    second = embed_images(clip, paths[::-1], rt)
     assert calls == []
     assert torch.equal(second, first.flip(0))
     content = {str(p): file_sha1(p) for p in paths}
-    assert torch.equal(embed_images(model, preprocess, paths, CPU, content=content, **kw), first) and calls == []
+    assert torch.equal(embed_images(clip, paths, rt, content=content), first) and calls == []
 
 
 @pytest.mark.parametrize("content", ["given", "hashed"])
 def test_cache_reencodes_only_the_changed_file(monkeypatch, image_paths, tmp_path, content):
-    model, preprocess, _ = load_clip("tiny", CPU)
-    calls = count_encodes(monkeypatch, model)
-    kw = {"amp": "fp32", "cache_dir": tmp_path / "cache", "progress": False}
+    clip = load_clip("tiny", CPU)
+    calls = count_encodes(monkeypatch, clip.model)
+    rt = runtime(tmp_path / "cache")
 
     def keys():
         return {str(p): file_sha1(p) for p in image_paths} if content == "given" else None
 
-    before = embed_images(model, preprocess, image_paths, CPU, content=keys(), **kw)
+    before = embed_images(clip, image_paths, rt, content=keys())
     Image.new("RGB", (80, 60), (200, 30, 30)).save(image_paths[2])  # same path, new content
     calls.clear()
-    after = embed_images(model, preprocess, image_paths, CPU, content=keys(), **kw)
+    after = embed_images(clip, image_paths, rt, content=keys())
     assert calls == [1]
-    fresh = embed_images(model, preprocess, [image_paths[2]], CPU, amp="fp32", progress=False)
+    fresh = embed_images(clip, [image_paths[2]], FP32)
     assert torch.allclose(after[2], fresh[0], atol=1e-6)  # the same single-image batch
     assert not torch.allclose(after[2], before[2], atol=1e-2)
     keep = [0, 1, 3, 4, 5]
@@ -425,17 +440,17 @@ def test_cache_reencodes_only_the_changed_file(monkeypatch, image_paths, tmp_pat
 
 
 def test_cache_of_another_model_is_another_file(monkeypatch, image_paths, tmp_path):
-    cache = tmp_path / "cache"
-    m0, pre0, _ = load_clip("tiny", CPU, seed=0)
-    a = embed_images(m0, pre0, image_paths, CPU, amp="fp32", cache_dir=cache, progress=False)
-    m1, pre1, _ = load_clip("tiny", CPU, seed=1)
-    calls = count_encodes(monkeypatch, m1)
-    b = embed_images(m1, pre1, image_paths, CPU, amp="fp32", cache_dir=cache, progress=False)
+    rt = runtime(tmp_path / "cache")
+    clip0 = load_clip("tiny", CPU, seed=0)
+    a = embed_images(clip0, image_paths, rt)
+    clip1 = load_clip("tiny", CPU, seed=1)
+    calls = count_encodes(monkeypatch, clip1.model)
+    b = embed_images(clip1, image_paths, rt)
     assert sum(calls) == 6
     assert not torch.allclose(a, b, atol=1e-2)
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 2  # CLIP rows: cache_dir/features
     calls.clear()
-    assert torch.equal(embed_images(m1, pre1, image_paths, CPU, amp="fp32", cache_dir=cache, progress=False), b)
+    assert torch.equal(embed_images(clip1, image_paths, rt), b)
     assert calls == []  # each model's rows stay readable next to the other's
 
 
@@ -448,37 +463,66 @@ def drop_last_row(cache_file: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "rows-lost"])
 def test_damaged_cache_is_reported_and_rebuilt(monkeypatch, image_paths, tmp_path, damage):
-    model, preprocess, _ = load_clip("tiny", CPU)
-    kw = {"amp": "fp32", "cache_dir": tmp_path / "cache", "progress": False}
-    good = embed_images(model, preprocess, image_paths, CPU, **kw)
-    (cache_file,) = (tmp_path / "cache").glob("*.safetensors")
+    clip = load_clip("tiny", CPU)
+    rt = runtime(tmp_path / "cache")
+    good = embed_images(clip, image_paths, rt)
+    (cache_file,) = (tmp_path / "cache" / "features").glob("*.safetensors")
     data = cache_file.read_bytes()
     if damage == "rows-lost":
         drop_last_row(cache_file)
     else:
         cache_file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
-    calls = count_encodes(monkeypatch, model)
+    calls = count_encodes(monkeypatch, clip.model)
     with pytest.warns(UserWarning, match="unusable cache"):
-        rebuilt = embed_images(model, preprocess, image_paths, CPU, **kw)
+        rebuilt = embed_images(clip, image_paths, rt)
     assert sum(calls) == 6
     assert torch.allclose(rebuilt, good, atol=1e-6)
     calls.clear()
-    assert torch.equal(embed_images(model, preprocess, image_paths, CPU, **kw), rebuilt)  # valid again
+    assert torch.equal(embed_images(clip, image_paths, rt), rebuilt)  # valid again
     assert calls == []
 
 
 def test_cached_embeddings_equal_uncached_ones(tiny, image_paths, tmp_path):
-    model, preprocess, _ = tiny
-    kw = {"amp": "fp32", "progress": False}
-    plain = embed_images(model, preprocess, image_paths, CPU, batch_size=4, **kw)
-    cached = embed_images(model, preprocess, image_paths, CPU, batch_size=4, cache_dir=tmp_path / "c", **kw)
+    plain = embed_images(tiny, image_paths, runtime(batch_size=4))
+    cached = embed_images(tiny, image_paths, runtime(tmp_path / "c", batch_size=4))
     assert torch.allclose(cached, plain, atol=1e-6)  # the same batches
     # the first three cached by one call, the rest encoded in another batch by the next one
-    partial = tmp_path / "p"
-    embed_images(model, preprocess, image_paths[:3], CPU, batch_size=4, cache_dir=partial, **kw)
-    mixed = embed_images(model, preprocess, image_paths, CPU, batch_size=4, cache_dir=partial, **kw)
+    partial = runtime(tmp_path / "p", batch_size=4)
+    embed_images(tiny, image_paths[:3], partial)
+    mixed = embed_images(tiny, image_paths, partial)
     assert torch.allclose(mixed, plain, atol=1e-4)
-    assert embed_images(model, preprocess, [], CPU, cache_dir=partial, **kw).numel() == 0
+    assert embed_images(tiny, [], partial).numel() == 0
+
+
+def test_cache_file_is_named_by_kind_and_identity_hash(tmp_path):
+    identity = "clip|abc|transform|None"
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:16]
+    assert utils.cache_file(tmp_path, identity) == tmp_path / f"clip_{digest}.safetensors"
+    assert utils.cache_file(tmp_path, "clip|abc|transform|torch.bfloat16") != utils.cache_file(tmp_path, identity)
+    assert utils.cache_file(None, identity) is None  # no folder: no cache
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_cached_rows_of_no_keys_are_an_empty_float32_table_and_compute_nothing(tmp_path, cached):
+    calls = []
+
+    def compute(todo: list) -> torch.Tensor:
+        calls.append(list(todo))
+        return torch.ones(len(todo), 4)
+
+    path = utils.cache_file(tmp_path / "features", "clip|x") if cached else None
+    rows = utils.cached_rows([], [], compute, path, "clip|x")
+    assert rows.dtype == torch.float32 and rows.shape == (0, 0)
+    assert calls == []  # nothing to compute, not even an empty batch
+    assert path is None or not path.exists()  # and nothing written
+
+
+def test_encode_batches_of_no_batches_is_an_empty_float32_table():
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("no batch to encode")
+
+    out = utils.encode_batches(encode, [], CPU, None)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (0, 0)
 
 
 # ----------------------------------------------------------------------------------- prototypes
@@ -530,22 +574,21 @@ def test_joint_prototypes_are_unit_and_reduce_to_each_side():
 
 
 def test_text_prototypes_are_renormalised_means_of_prompt_embeddings(tiny):
-    model, _, tokenizer = tiny
     prompts = class_prompts(COARSE_CLASSES, COARSE_CLASS_TEXTS)
-    protos = text_prototypes(model, tokenizer, prompts, CPU, COARSE_CLASSES)
+    protos = text_prototypes(tiny, prompts, COARSE_CLASSES, FP32)
     assert protos.shape == (4, 32)
-    flat = embed_texts(model, tokenizer, [p for c in COARSE_CLASSES for p in prompts[c]], CPU)  # the same batch
+    flat = embed_texts(tiny, [p for c in COARSE_CLASSES for p in prompts[c]], FP32)  # the same batch
     start = 0
     for i, c in enumerate(COARSE_CLASSES):
         mean = flat[start:start + len(prompts[c])].mean(0)
         start += len(prompts[c])
         assert torch.allclose(protos[i], mean / mean.norm(), atol=1e-5)
-    reordered = text_prototypes(model, tokenizer, prompts, CPU, COARSE_CLASSES[::-1])  # rows follow class_names
+    reordered = text_prototypes(tiny, prompts, COARSE_CLASSES[::-1], FP32)  # rows follow class_names
     assert (reordered * protos.flip(0)).sum(1).min() > 0.999  # other batch positions: a tolerance
-    fine = text_prototypes(model, tokenizer, class_prompts(LABELS, FINE_CLASS_TEXTS), CPU, LABELS)
+    fine = text_prototypes(tiny, class_prompts(LABELS, FINE_CLASS_TEXTS), LABELS, FP32)
     assert fine.shape == (7, 32) and torch.allclose(fine.norm(dim=1), torch.ones(7), atol=1e-5)
     with pytest.raises(ValueError, match=r"No prompts.*nose"):
-        text_prototypes(model, tokenizer, {"ear": ["ear"], "nose": []}, CPU, ["ear", "nose"])
+        text_prototypes(tiny, {"ear": ["ear"], "nose": []}, ["ear", "nose"], FP32)
 
 
 def test_fine_class_texts_name_their_own_side_and_state_never_the_other():
@@ -574,18 +617,19 @@ def test_class_prompts_cover_both_levels_with_the_paper_template():
 def test_add_description_prompts_takes_training_lines_deduplicated():
     prompts = class_prompts(COARSE_CLASSES, COARSE_CLASS_TEXTS)
     kept = copy.deepcopy(prompts)
+    regions = LEVELS["coarse"].names([LABEL_TO_ID[x] for x in ("ear-left", "ear-right", "nose-left", "ear-left")])
     extended = add_description_prompts(
-        prompts, ["ear-left", "ear-right", "nose-left", "unknown", "ear-left"],
+        prompts, [*regions[:3], "unknown", regions[3]],
         ["the tympanic membrane is intact\r\nno discharge", "no discharge", "a spur on the septum", "x",
          "- no discharge\n\n"],
-        label_map=LABEL_TO_COARSE,
     )
     assert extended["ear"] == prompts["ear"] + ["the tympanic membrane is intact", "no discharge"]
     assert extended["nose"] == prompts["nose"] + ["a spur on the septum"]
     assert extended["throat"] == prompts["throat"] and all("x" not in p for p in extended.values())
     assert prompts == kept  # the input is not changed
     fine_prompts = class_prompts(LABELS, FINE_CLASS_TEXTS)
-    fine = add_description_prompts(fine_prompts, ["vc-open"], ["the glottis is open"])  # no label_map: labels
+    fine = add_description_prompts(fine_prompts, LEVELS["fine"].names([LABEL_TO_ID["vc-open"]]),
+                                   ["the glottis is open"])  # the fine level's classes: the labels themselves
     assert fine["vc-open"] == fine_prompts["vc-open"] + ["the glottis is open"]
     assert fine["vc-closed"] == fine_prompts["vc-closed"]
 
@@ -598,7 +642,7 @@ def test_choose_prototype_weight_prefers_the_informative_prototypes():
     noise = unit(4, 16, 9)  # prototypes unrelated to the classes
     by_image = choose_prototype_weight(feats, labels, centres, noise)
     by_text = choose_prototype_weight(feats, labels, noise, centres)
-    assert len(by_image) == len(PROTOTYPE_WEIGHT_GRID) * len(PROTOTYPE_TEMPERATURE_GRID)
+    assert len(by_image) == len(JOINT_WEIGHT_GRID) * len(TEMPERATURE_GRID)
     assert set(by_image.columns) >= {"weight", "temperature", "accuracy", "macro_f1", "log_loss"}
     f1_image = by_image.groupby("weight")["macro_f1"].first()
     f1_text = by_text.groupby("weight")["macro_f1"].first()
@@ -612,14 +656,13 @@ def test_choose_prototype_weight_prefers_the_informative_prototypes():
 
 
 def test_fit_prototype_classifier_chooses_on_validation_and_predicts_probabilities(tiny):
-    model, _, tokenizer = tiny
     g = torch.Generator().manual_seed(0)
     centers = unit(3, 32, 11)
     y = torch.arange(60) % 3
     feats = F.normalize(centers[y] + 0.1 * torch.randn(60, 32, generator=g), dim=1)
     names, texts = ["a", "b", "c"], {"a": ["ear"], "b": ["nose"], "c": ["throat"]}
-    clf = fit_prototype_classifier(model, tokenizer, CPU, feats[:40], y[:40].tolist(), feats[40:], y[40:].tolist(),
-                                   names, texts)
+    clf = fit_prototype_classifier(tiny, FP32, Level("abc", tuple(names), texts), feats[:40], y[:40].tolist(),
+                                   feats[40:], y[40:].tolist())
     probs = clf.predict_proba(feats[40:])
     assert probs.shape == (20, 3) and torch.allclose(probs.sum(1), torch.ones(20), atol=1e-5)
     assert (probs.argmax(1) == y[40:]).float().mean() > 0.9
@@ -631,7 +674,7 @@ def test_fit_prototype_classifier_chooses_on_validation_and_predicts_probabiliti
     assert clf.temperature == at_w.loc[at_w.log_loss.idxmin(), "temperature"]
     assert not clf.with_descriptions and clf.class_names == ("a", "b", "c")  # none given: none used
     img = image_prototypes(feats[:40], y[:40], 3)
-    txt = text_prototypes(model, tokenizer, class_prompts(names, texts), CPU, names)
+    txt = text_prototypes(tiny, class_prompts(names, texts), names, FP32)
     assert torch.allclose(clf.protos, joint_prototypes(img, txt, clf.weight), atol=1e-5)
 
 
@@ -652,6 +695,11 @@ class TableText(nn.Module):
         return self.rows[tokens[:, 0]]
 
 
+def table_clip(model: TableText) -> Clip:
+    """A Clip around a TableText stand-in (texts only: no image preprocessing)."""
+    return Clip(model, None, model.tokenize)
+
+
 @pytest.mark.parametrize("case", ["help", "hurt", "tie"])
 def test_fit_prototype_classifier_tries_descriptions_and_keeps_them_only_when_they_help(case):
     e = torch.eye(8)  # e0..e2: the classes' directions, e6: every training image, e7: uninformative text
@@ -659,7 +707,7 @@ def test_fit_prototype_classifier_tries_descriptions_and_keeps_them_only_when_th
     y = torch.arange(30) % 3
     val = F.normalize(e[y] + 0.05 * torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     train_feats = e[6].expand(9, 8)  # image prototypes all alike: the text side decides
-    labels = ["a", "b", "c"] * 3
+    labels = ["a", "b", "c"] * 3  # the classes of y[:9]
     lines = {c: [f"finding of {c} {i}" for i in range(2 if case == "help" else 8)] for c in names}
     if case == "help":  # the class wordings say nothing, the findings name the class
         texts = {c: ["tissue"] for c in names}
@@ -671,8 +719,10 @@ def test_fit_prototype_classifier_tries_descriptions_and_keeps_them_only_when_th
         table |= {line: e[(names.index(c) + shift) % 3] for c in names for line in lines[c]}
     model = TableText(table, default=e[7])
     descriptions = ["\n".join(lines[c]) for c in labels]
-    clf = fit_prototype_classifier(model, model.tokenize, CPU, train_feats, y[:9].tolist(), val, y.tolist(), names,
-                                   texts, train_labels=labels, train_descriptions=descriptions)
+    level = Level("abc", tuple(names), texts)
+    assert level.names(y[:9].tolist()) == labels
+    clf = fit_prototype_classifier(table_clip(model), FP32, level, train_feats, y[:9].tolist(), val, y.tolist(),
+                                   train_descriptions=descriptions)
     assert {line for c in names for line in lines[c]} <= set(model.seen)  # the findings were tried
     assert clf.with_descriptions is (case == "help")  # kept only when strictly better on validation
     assert clf.table.macro_f1.max() == 1.0 and clf.weight == 0.0
@@ -689,9 +739,11 @@ def test_fit_prototypes_builds_the_region_and_label_classifiers_from_official_id
     lines = {lab: [f"finding {lab} {k}" for k in range(2)] for lab in LABELS}
     model = TableText({line: e[4 + LABELS.index(lab)] for lab in LABELS for line in lines[lab]}, default=e[15])
     descriptions = ["\n".join(lines[LABELS[y]]) for y in train_y7]
-    val = F.normalize(e[4 + torch.as_tensor(val_y7)] + 0.05 * torch.randn(21, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    noise = 0.05 * torch.randn(21, 16, generator=torch.Generator().manual_seed(0))
+    val = F.normalize(e[4 + torch.as_tensor(val_y7)] + noise, dim=1)
     train = e[14].expand(14, 16)
-    fitted = utils.fit_prototypes(model, model.tokenize, CPU, train, train_y7, val, val_y7, descriptions)
+    clip = table_clip(model)
+    fitted = utils.fit_prototypes(clip, FP32, train, train_y7, val, val_y7, descriptions)
     assert set(fitted) == {"coarse", "fine"}
     coarse, fine = fitted["coarse"], fitted["fine"]
     assert coarse.class_names == COARSE_CLASSES and fine.class_names == LABELS
@@ -699,12 +751,11 @@ def test_fit_prototypes_builds_the_region_and_label_classifiers_from_official_id
     assert coarse.table.macro_f1.max() == 1.0 and fine.table.macro_f1.max() == 1.0
     assert coarse.predict_proba(val).argmax(1).tolist() == utils.coarse_of(val_y7).tolist()
     assert fine.predict_proba(val).argmax(1).tolist() == val_y7.tolist()
-    names = [LABELS[y] for y in train_y7]  # the same computation by hand: equal exactly
-    ref_coarse = fit_prototype_classifier(model, model.tokenize, CPU, train, utils.coarse_of(train_y7), val,
-                                          utils.coarse_of(val_y7), COARSE_CLASSES, COARSE_CLASS_TEXTS, names,
-                                          descriptions, LABEL_TO_COARSE)
-    ref_fine = fit_prototype_classifier(model, model.tokenize, CPU, train, train_y7, val, val_y7, LABELS,
-                                        FINE_CLASS_TEXTS, names, descriptions)
+    # the same computation by hand, each level spelt out: equal exactly
+    by_hand_coarse = Level("coarse", COARSE_CLASSES, COARSE_CLASS_TEXTS, LABEL_TO_COARSE)
+    by_hand_fine = Level("fine", LABELS, FINE_CLASS_TEXTS)
+    ref_coarse = fit_prototype_classifier(clip, FP32, by_hand_coarse, train, train_y7, val, val_y7, descriptions)
+    ref_fine = fit_prototype_classifier(clip, FP32, by_hand_fine, train, train_y7, val, val_y7, descriptions)
     for got, ref in ((coarse, ref_coarse), (fine, ref_fine)):
         assert torch.equal(got.protos, ref.protos)
         assert (got.weight, got.temperature) == (ref.weight, ref.temperature)
@@ -732,7 +783,8 @@ def test_fit_prototype_classifier_keeps_a_class_without_training_images():
     train = F.normalize(e[[0, 1, 0, 1]] + 0.3 * e[5], dim=1)  # classes a and b only
     val_y = torch.arange(30) % 3
     val = F.normalize(e[val_y] + 0.3 * torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    clf = fit_prototype_classifier(model, model.tokenize, CPU, train, [0, 1, 0, 1], val, val_y.tolist(), names, texts)
+    clf = fit_prototype_classifier(table_clip(model), FP32, Level("abc", tuple(names), texts), train, [0, 1, 0, 1],
+                                   val, val_y.tolist())
     assert torch.allclose(clf.protos[2], e[2])  # c's prototype is its text prototype alone
     assert (clf.predict_proba(val).argmax(1) == 2).any()
 
@@ -747,11 +799,12 @@ def test_fit_prototype_classifier_takes_the_temperature_of_the_chosen_weight():
                       default=e[7])
     val = F.normalize(torch.stack([e[0] + e[2]] * 9 + [e[1] + e[3]] * 10 + [0.5 * e[0] + 0.55 * e[1] + e[3]]), dim=1)
     val_y = [0] * 9 + [1] * 10 + [0]
-    clf = fit_prototype_classifier(model, model.tokenize, CPU, e[[0, 1]], [0, 1], val, val_y, names, texts)
+    clf = fit_prototype_classifier(table_clip(model), FP32, Level("ab", tuple(names), texts), e[[0, 1]], [0, 1], val,
+                                   val_y)
     table = clf.table
     assert (table.accuracy == 0.95).all() and clf.weight == 0.0
     best_t = {w: g.loc[g.log_loss.idxmin(), "temperature"] for w, g in table.groupby("weight")}
-    assert clf.temperature == best_t[0.0] == max(PROTOTYPE_TEMPERATURE_GRID) and best_t[1.0] < best_t[0.0]
+    assert clf.temperature == best_t[0.0] == max(TEMPERATURE_GRID) and best_t[1.0] < best_t[0.0]
     probs = clf.predict_proba(val)  # at the chosen temperature, not CLIP's 0.01
     assert torch.allclose(probs, prototype_probs(val, clf.protos, clf.temperature))
     assert not torch.allclose(probs, prototype_probs(val, clf.protos, 0.01), atol=0.01)
@@ -765,9 +818,10 @@ def test_image_prototypes_take_any_integer_labels_and_keep_one_row_per_class():
     assert torch.equal(image_prototypes(feats[:0], [], 3, allow_empty=True), torch.zeros(3, 8))
 
 
-def test_description_labels_outside_the_label_map_keep_their_own_class():
+def test_description_classes_outside_the_levels_keep_their_own_class():
     prompts = {"ear": ["an ear"], "custom": ["a custom view"]}
-    out = add_description_prompts(prompts, ["ear-left", "custom"], ["wax", "a finding"], label_map=LABEL_TO_COARSE)
+    classes = [*LEVELS["coarse"].names([LABEL_TO_ID["ear-left"]]), "custom"]  # "custom" is no level's class
+    out = add_description_prompts(prompts, classes, ["wax", "a finding"])
     assert out == {"ear": ["an ear", "wax"], "custom": ["a custom view", "a finding"]}
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-import yaml
 from PIL import Image
 
 import demo_data
+import plots
+import retrieval
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,24 @@ def test_label_constants_match_the_official_ids():
     assert utils.NOTE_KINDS == {"name-case", "duplicate", "csv-header"}
 
 
+def test_levels_map_every_official_label_to_its_class():
+    ids = np.arange(len(utils.LABELS))
+    coarse, fine = utils.LEVELS["coarse"], utils.LEVELS["fine"]
+    assert set(utils.LEVELS) == {"coarse", "fine"}
+    assert coarse.class_names == utils.COARSE_CLASSES and fine.class_names == utils.LABELS
+    assert coarse.ids(ids).tolist() == utils.coarse_of(ids).tolist()
+    assert coarse.names(ids) == [utils.LABEL_TO_COARSE[name] for name in utils.LABELS]
+    assert fine.ids(ids).tolist() == ids.tolist() and fine.names(ids) == list(utils.LABELS)  # the identity
+    assert coarse.ids(ids).dtype == fine.ids(ids).dtype == np.int64
+    assert coarse.ids([]).tolist() == [] and coarse.names([]) == []
+    for level in (coarse, fine):
+        for bad in ([0, 7], [-1], [len(utils.LABELS)]):
+            with pytest.raises(ValueError, match=r"label_ids ids must be in 0\.\.6"):
+                level.ids(bad)
+            with pytest.raises(ValueError, match=r"label_ids ids must be in 0\.\.6"):
+                level.names(bad)
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("nose-right", "nose-right"), (" Nose_Right ", "nose-right"), ("EAR LEFT", "ear-left"),
     ("vc_open", "vc-open"), ("VC-Closed\n", "vc-closed"), ("Throat", "throat"),
@@ -62,59 +80,7 @@ def test_normalize_label_forgives_case_space_and_underscore(raw, expected):
     assert utils.normalize_label(raw) == expected
 
 
-# ---- setup: parameters, data path, weights --------------------------------------------------
-
-def _notebook_defaults() -> dict:
-    nb = json.loads((ROOT / "entrep-prototypical.ipynb").read_text(encoding="utf-8"))
-    cell, = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    params: dict = {}
-    exec("".join(cell["source"]), {}, params)
-    return params
-
-
-def test_check_params_accepts_the_notebook_defaults_and_the_demo_config():
-    defaults = _notebook_defaults()
-    assert {"image_size", "val_fraction", "split", "dino_weights", "device"} <= set(defaults)
-    utils.check_params(defaults)
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    utils.check_params({**defaults, **demo})
-    paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
-    assert paper["split"] == "stratified"  # the paper's plain split is a valid choice
-    utils.check_params({**defaults, **paper})
-
-
-def test_check_params_lists_every_bad_parameter_in_one_error(tmp_path):
-    bad = {"image_size": 100, "epochs": 0, "batch_size": 0, "val_fraction": 1.5, "split": "random",
-           "dino_heads": "three", "retrieval_gallery": "everything",
-           "clip_model": "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-           "dino_model": "vit_nonexistent_patch14_dinov2", "dino_weights": str(tmp_path / "missing.pth")}
-    if not torch.cuda.is_available():
-        bad["device"] = "cuda"
-    good = {"seed": 0, "lr_head": 1e-3, "lr_backbone": 2e-5, "num_workers": -1, "dino_gpus": 1}
-    with pytest.raises(ValueError) as err:
-        utils.check_params({**good, **bad})
-    lines = [line for line in str(err.value).splitlines() if line.startswith("- ")]
-    assert sorted(line[2:].split("=")[0] for line in lines) == sorted(bad)  # one line per bad one, no good one
-    by_name = {line[2:].split("=")[0]: line for line in lines}
-    assert "224 or 336" in by_name["image_size"]  # each line offers a value that works
-    assert "0.1" in by_name["val_fraction"] and "'grouped'" in by_name["split"]
-    assert "'shared'" in by_name["dino_heads"] and "'test_folders'" in by_name["retrieval_gallery"]
-    assert "hf-hub:" in by_name["clip_model"] and "vit_base_patch14_dinov2" in by_name["dino_model"]
-    assert "'auto'" in by_name["dino_weights"]
-    if "device" in bad:
-        assert "'cpu'" in by_name["device"]
-    with pytest.raises(ValueError, match=r"val_fraction=0\b"):
-        utils.check_params({"val_fraction": 0})
-
-
-def test_check_params_refuses_numbers_that_yaml_read_as_text():
-    """PyYAML reads `lr_head: 1e-3` (no dot) as the string '1e-3': caught here, not deep in training."""
-    params = yaml.safe_load("lr_head: 1e-3\nlr_backbone: 2e-5\nval_fraction: 1e-1\n")
-    assert params == {"lr_head": "1e-3", "lr_backbone": "2e-5", "val_fraction": "1e-1"}
-    with pytest.raises(ValueError) as err:
-        utils.check_params(params)
-    assert {line[2:].split("=")[0] for line in str(err.value).splitlines() if line.startswith("- ")} == set(params)
-
+# ---- where the data is -----------------------------------------------------------------------
 
 def test_resolve_data_path_finds_the_common_parent_of_the_annotations(tmp_path):
     base = tmp_path / "input" / "entrep-2025" / "v1"
@@ -132,32 +98,6 @@ def test_resolve_data_path_finds_the_common_parent_of_the_annotations(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_path") as err:
         utils.resolve_data_path("auto", search_roots=[empty])
     assert "demo" in str(err.value) and "cls.json" in str(err.value)
-
-
-def test_resolve_dino_weights_is_honest_about_what_is_loaded(tmp_path):
-    roots = [str(tmp_path)]
-    assert utils.resolve_dino_weights("/x/y.pth", "auto", roots) == ("/x/y.pth", "SurgeNet DINOv2 checkpoint /x/y.pth")
-    path, note = utils.resolve_dino_weights("", "auto", roots)
-    assert path == "" and "LVD-142M" in note and "no SurgeNet" in note
-    path, note = utils.resolve_dino_weights("random", "auto", roots)
-    assert path == "random" and "random initialisation" in note and "not the method" in note
-    with pytest.warns(UserWarning, match="found no"):  # nothing attached: timm's weights, said out loud
-        path, note = utils.resolve_dino_weights("auto", "auto", roots)
-    assert path == "" and "LVD-142M" in note
-    w = tmp_path / "weights"
-    w.mkdir()
-    for name in ("DINOv2_ViTs14_size336_SurgeNetXL.pth", "DINOv2_ViTb14_size336_SurgeNetXL.pth",
-                 "SurgeNet_ResNet50.pth", "DINOv2_ViTl14_SurgeNetXL.pt"):  # not DINOv2 / not .pth: ignored
-        (w / name).write_bytes(b"")
-    path, note = utils.resolve_dino_weights("auto", "auto", roots)
-    assert path == str(w / "DINOv2_ViTb14_size336_SurgeNetXL.pth") and path in note  # ViT-B first
-    assert utils.resolve_dino_weights("auto", "vit_small_patch14_dinov2", roots)[0] == str(
-        w / "DINOv2_ViTs14_size336_SurgeNetXL.pth")  # a named model's size
-    assert utils.resolve_dino_weights("auto", "vit_base_patch14_reg4_dinov2", roots)[0] == str(
-        w / "DINOv2_ViTb14_size336_SurgeNetXL.pth")
-    path, note = utils.resolve_dino_weights("auto", "tiny", roots)  # the tiny model is random, whatever is attached
-    assert path == "" and "tiny random" in note and "is not used" in note and "SurgeNetXL.pth" in note
-    assert "timm" not in note and "LVD" not in note
 
 
 # ---- layouts --------------------------------------------------------------------------------
@@ -399,7 +339,8 @@ def test_bad_input_is_reported_and_every_file_accounted(tmp_path):
     assert "empty (0 bytes)" in by_item.loc["empty.png", "message"]
     assert str(imgs / "truncated.png") in by_item.loc["truncated.png", "message"]
     assert "nose-middle" in by_item.loc["unknown.png", "message"]
-    assert "absent.png" in by_item.loc["absent.png", "message"] and "Add the file" in by_item.loc["absent.png", "message"]
+    absent = by_item.loc["absent.png", "message"]
+    assert "absent.png" in absent and "Add the file" in absent
     loaded = data.images.set_index("file")
     assert sorted(loaded.index) == sorted(set(labels) - set(skipped))
     assert loaded.loc["mode_RGB.png", "label"] == "vc-closed"  # odd case and spaces forgiven
@@ -461,8 +402,8 @@ def test_load_rgb_rescales_big_endian_16_bit_tiffs_and_says_why_a_file_fails(tmp
     with pytest.raises(utils.ImageDecodeError) as err:
         utils.load_rgb(tmp_path / "text.png")
     assert str(err.value) == (f"{tmp_path / 'text.png'}: cannot decode image (UnidentifiedImageError: cannot identify "
-                              f"image file '{tmp_path / 'text.png'}'). Re-export or re-download this file, or remove it "
-                              "from the annotation; it is listed as skipped.")
+                              f"image file '{tmp_path / 'text.png'}'). Re-export or re-download this file, or remove "
+                              "it from the annotation; it is listed as skipped.")
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(utils.ImageDecodeError, match=re.escape("(the file is empty (0 bytes))")):
         utils.load_rgb(tmp_path / "empty.png")
@@ -504,8 +445,8 @@ def test_load_rgb_puts_every_kind_of_transparency_on_opaque_black(tmp_path):
 
 def test_thumbnails_fit_256_pixels_by_default_and_keep_the_aspect(tmp_path):
     Image.new("RGB", (640, 480), (10, 20, 30)).save(tmp_path / "frame.png")
-    assert utils.load_thumbnail(tmp_path / "frame.png").shape == (192, 256, 3)
-    assert utils.load_thumbnail(tmp_path / "frame.png", px=64).shape == (48, 64, 3)
+    assert plots.load_thumbnail(tmp_path / "frame.png").shape == (192, 256, 3)
+    assert plots.load_thumbnail(tmp_path / "frame.png", px=64).shape == (48, 64, 3)
 
 
 # ---- test folders, duplicates, problem lines -------------------------------------------------
@@ -545,7 +486,7 @@ def test_retrieval_gallery_modes(tmp_path):
     data = utils.load_entrep(tmp_path)
 
     def gallery(mode):
-        g = utils.retrieval_gallery(data, data.queries, mode)
+        g = retrieval.gallery_images(data, data.queries, mode)
         assert list(g.columns) == ["file", "path", "sha1", "listed"] and g["sha1"].is_unique
         return dict(zip(g["file"], g["listed"]))
 
@@ -554,7 +495,7 @@ def test_retrieval_gallery_modes(tmp_path):
     assert gallery("lists") == {"x.png": True, "y.png": True}
     assert gallery("all") == {"x.png": True, "y.png": True, "u.png": False, "a.png": False}
     with pytest.raises(ValueError, match="retrieval_gallery"):
-        utils.retrieval_gallery(data, data.queries, "everything")
+        retrieval.gallery_images(data, data.queries, "everything")
 
 
 def test_retrieval_gallery_on_the_demo_holds_the_unlisted_test_images(demo_root, demo_data_set):
@@ -562,14 +503,14 @@ def test_retrieval_gallery_on_the_demo_holds_the_unlisted_test_images(demo_root,
     on_disk = {str(p) for p in (demo_root / "PublicData" / "PublicTest").glob("*.png")}
     listed = {p for k in ("cls", "i2i") for p in data.queries[k]["path"] if p}
     assert listed < on_disk
-    g = utils.retrieval_gallery(data, data.queries, "test_folders")
+    g = retrieval.gallery_images(data, data.queries, "test_folders")
     assert set(g["path"]) == on_disk and len(g) == len(on_disk)
     assert (g["listed"] == g["path"].isin(listed)).all()
     # unlisted: the partners of 4 Track 2 queries, 6 further views, and the train i2i target kept there
     assert (~g["listed"]).sum() == 4 + 6 + 1
-    lists = utils.retrieval_gallery(data, data.queries, "lists")
+    lists = retrieval.gallery_images(data, data.queries, "lists")
     assert set(lists["path"]) == listed and lists["listed"].all()
-    everything = utils.retrieval_gallery(data, data.queries, "all")
+    everything = retrieval.gallery_images(data, data.queries, "all")
     annotated = [*data.images["path"], *data.i2i["query_path"], *data.i2i["match_path"], *data.t2i["path"]]
     assert set(everything["sha1"]) == set(g["sha1"]) | {data.sha1[p] for p in annotated}
     assert everything["sha1"].is_unique
@@ -856,8 +797,8 @@ def test_select_test_queries_keeps_the_only_list_by_default_and_names_the_parame
     assert utils.select_test_queries(one)["cls"]["file"].tolist() == ["b.png", "c.png"]  # "auto" by default
     with pytest.raises(ValueError) as err:
         utils.select_test_queries(q)
-    assert str(err.value) == ("Track 'cls' has test lists in ['Public', 'Private']: set the test_split parameter to part "
-                              "of one folder name (e.g. 'Public' or 'Private') so that one test set is answered.")
+    assert str(err.value) == ("Track 'cls' has test lists in ['Public', 'Private']: set the test_split parameter to "
+                              "part of one folder name (e.g. 'Public' or 'Private') so that one test set is answered.")
 
 
 def test_retrieval_gallery_defaults_to_the_test_folders_and_keeps_the_first_path_of_a_content(tmp_path):
@@ -865,10 +806,10 @@ def test_retrieval_gallery_defaults_to_the_test_folders_and_keeps_the_first_path
     shutil.copy(f["u"], f["u"].parent / "v_copy.png")  # an unlisted copy of an unlisted image, after it by path
     (tmp_path / "i2i.csv").write_text("gone.png\n")  # a listed query whose image is missing
     data = utils.load_entrep(tmp_path)
-    g = utils.retrieval_gallery(data, data.queries)
-    assert g.equals(utils.retrieval_gallery(data, data.queries, "test_folders"))
+    g = retrieval.gallery_images(data, data.queries)
+    assert g.equals(retrieval.gallery_images(data, data.queries, "test_folders"))
     assert g["file"].tolist() == ["x.png", "y.png", "u.png"]  # listed first, then by path; u.png before its copy
-    assert "" not in set(g["path"]) and "" not in set(utils.retrieval_gallery(data, data.queries, "lists")["path"])
+    assert "" not in set(g["path"]) and "" not in set(retrieval.gallery_images(data, data.queries, "lists")["path"])
 
 
 def test_annotation_files_saved_with_a_bom_load_and_broken_ones_are_reported_by_file(tmp_path):
@@ -919,7 +860,8 @@ def _every_record_layout(root: Path) -> dict[str, Path]:
     """One of each: train release (a label, a pair with a missing partner, a caption, a byte copy), a public
     record matched case-insensitively, a class folder with Mac junk and a text file, two bad annotation
     files, a test list at the root whose folder holds an unlisted and an undecodable image."""
-    f = {n: _png(root / "train" / "imgs" / f"{n}.png", c) for n, c in (("a", (1, 1, 1)), ("b", (2, 2, 2)), ("c", (3, 3, 3)))}
+    f = {n: _png(root / "train" / "imgs" / f"{n}.png", c)
+         for n, c in (("a", (1, 1, 1)), ("b", (2, 2, 2)), ("c", (3, 3, 3)))}
     shutil.copy(f["a"], root / "train" / "imgs" / "dup.png")
     (root / "train" / "cls.json").write_text(json.dumps({"a.png": "ear-left", "dup.png": "ear-right"}))
     (root / "train" / "i2i.json").write_text(json.dumps({"a.png": "b.png", "c.png": "gone.png"}))
@@ -970,7 +912,8 @@ def test_every_record_names_its_annotation_its_role_and_why(tmp_path):
         ("train", "dup.png", "label-conflict")]
     assert problems[0]["message"] == f"{tmp_path / 'extra' / 'cls.json'}: expected a JSON object; ignored."
     assert problems[2]["message"] == (f"{tmp_path / 'public' / 'data.json'}: '{f['p'].name.lower()}' matched "
-                                      f"'{f['p'].name}' only case-insensitively (a known ENTRep defect); that file is used.")
+                                      f"'{f['p'].name}' only case-insensitively (a known ENTRep defect); "
+                                      "that file is used.")
     assert problems[3]["message"] == (f"{train / 'i2i.json'}: 'gone.png' is referenced but no file of that name exists "
                                       f"under {tmp_path}. Add the file or remove the entry; it is skipped.")
     assert problems[5]["message"] == (f"'{train / 'imgs' / 'dup.png'}' has the same bytes as '{f['a']}' but label "
@@ -996,8 +939,8 @@ def test_tables_keep_their_columns_when_empty_and_pairs_need_both_images_readabl
     (tmp_path / "train" / "t2i.json").write_text(json.dumps({"a spur": "bad.png"}))
     data = utils.load_entrep(tmp_path)
     assert data.i2i.empty and data.t2i.empty  # a pair or caption with an undecodable image is dropped
-    columns = {"i2i": ["query", "match", "query_path", "match_path", "source"], "t2i": ["text", "file", "path", "source"],
-               "folder_images": ["file", "path", "sha1", "folder"]}
+    columns = {"i2i": ["query", "match", "query_path", "match_path", "source"],
+               "t2i": ["text", "file", "path", "source"], "folder_images": ["file", "path", "sha1", "folder"]}
     for name, cols in columns.items():
         assert list(getattr(data, name).columns) == cols, name
     assert {k: list(q.columns) for k, q in data.queries.items()} == {
@@ -1045,7 +988,8 @@ def test_loading_errors_say_what_to_do(tmp_path):
                               "ENTRep data, or use data_path='demo' for the synthetic demo set.")
     with pytest.raises(FileNotFoundError) as err:
         utils.load_entrep(tmp_path)
-    assert str(err.value).endswith("<split>/<class>/*.png folders. Set data_path to the folder holding them, or use 'demo'.")
+    assert str(err.value).endswith("<split>/<class>/*.png folders. Set data_path to the folder holding them, "
+                                   "or use 'demo'.")
     _png(tmp_path / "imgs" / "a.png")
     _png(tmp_path / "imgs" / "b.png", (1, 2, 3))
     (tmp_path / "cls.json").write_text(json.dumps({"a.png": "nose-middle", "b.png": "Ear"}))

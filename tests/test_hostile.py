@@ -13,6 +13,7 @@ from PIL import Image
 from test_notebook import log_of, run_notebook
 
 import demo_data
+import retrieval
 import utils
 
 QUERY_TEXTS = ['a spur on the septum', 'he said "open", then closed', 'polyp, left side', 'viêm họng cấp',
@@ -124,7 +125,7 @@ def test_every_labelled_input_is_loaded_or_skipped_with_its_reason(hostile_run):
 def test_hostile_submissions_answer_every_listed_item_exactly_once(hostile_run):
     data_root, out, expect = hostile_run
     data = utils.load_entrep(data_root)
-    gallery = utils.retrieval_gallery(data, utils.select_test_queries(data.queries, "Public"), "test_folders").file
+    gallery = retrieval.gallery_images(data, utils.select_test_queries(data.queries, "Public"), "test_folders").file
     track1 = utils.check_submission(out / "submission.zip", "track1", expect["cls"])
     assert sorted(track1) == sorted(expect["cls"])
     track2 = utils.check_submission(out / "submission_i2i.zip", "track2", expect["i2i"], gallery)
@@ -176,7 +177,8 @@ def test_changed_image_content_is_never_served_from_a_stale_run(small_demo, tmp_
     run_notebook(tmp_path / "reused", data_path=str(data_root), **FAST)
     labelled = sorted(json.loads((data_root / "train" / "cls.json").read_text()))  # images DINOv2 learns from
     imgs = data_root / "train" / "imgs"
-    Image.open(imgs / labelled[1]).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(imgs / labelled[0])  # new content, same name
+    # new content, same name
+    Image.open(imgs / labelled[1]).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(imgs / labelled[0])
     log = log_of(run_notebook(tmp_path / "reused", data_path=str(data_root), **FAST))
     assert "reusing finished run" not in log
     run_notebook(tmp_path / "fresh", data_path=str(data_root), **FAST)

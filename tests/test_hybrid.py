@@ -20,6 +20,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from plots import plot_confusion, plot_image_grid, plot_threshold_sweep
 from utils import (
     COARSE_CLASSES,
     COARSE_TO_ID,
@@ -27,9 +28,9 @@ from utils import (
     LABEL_TO_COARSE,
     LABEL_TO_ID,
     LABELS,
+    SOFT_FUSION_GRID,
     SUBMISSIONS,
     THRESHOLD_GRID,
-    WEIGHT_GRID,
     batched_scores,
     best_grid_value,
     bootstrap_ci,
@@ -40,9 +41,6 @@ from utils import (
     coarse_of,
     comparison_table,
     hybrid_predict,
-    plot_confusion,
-    plot_image_grid,
-    plot_threshold_sweep,
     region_then_fine,
     soft_fusion_predict,
     summary_metrics,
@@ -322,11 +320,12 @@ def test_weight_choice_returns_grid_value_out_of_fold_predictions_and_sweep():
     proto, probs, y = random_fusion_inputs(100, seed=7)
     fold_of = np.arange(100) % 5
     choice = choose_fusion("soft", proto, probs, y, fold_of)
-    assert choice.param == "weight" and choice.chosen in WEIGHT_GRID and set(choice.fold_values) <= set(WEIGHT_GRID)
+    assert choice.param == "weight" and choice.chosen in SOFT_FUSION_GRID
+    assert set(choice.fold_values) <= set(SOFT_FUSION_GRID)
     assert choice.oof_fallback is None and list(choice.sweep.columns) == ["weight", "accuracy", "macro_f1"]
-    assert choice.sweep["weight"].tolist() == list(WEIGHT_GRID)
+    assert choice.sweep["weight"].tolist() == list(SOFT_FUSION_GRID)
     assert choice.sweep["accuracy"].tolist() == pytest.approx(
-        [accuracy_score(y, soft_fusion_predict(proto, probs, w)) for w in WEIGHT_GRID])
+        [accuracy_score(y, soft_fusion_predict(proto, probs, w)) for w in SOFT_FUSION_GRID])
     for k, w in enumerate(choice.fold_values):
         assert np.array_equal(choice.oof_pred[fold_of == k], soft_fusion_predict(proto, probs, w)[fold_of == k])
 
@@ -785,7 +784,8 @@ def test_comparison_table_by_default_uses_the_default_bootstrap_resamples():
     lambda out: check_submission(out / "submission.zip", "track4", ["a.png"]),
 ])
 def test_an_unknown_track_is_refused_with_the_known_ones(tmp_path, call):
-    with pytest.raises(ValueError, match=re.escape("track must be one of ('track1', 'track2', 'track3'); got 'track4'.")):
+    message = "track must be one of ('track1', 'track2', 'track3'); got 'track4'."
+    with pytest.raises(ValueError, match=re.escape(message)):
         call(tmp_path)
 
 
@@ -854,7 +854,8 @@ def test_check_submission_lists_every_problem_with_three_examples_each(tmp_path)
     with pytest.raises(ValueError, match=re.escape("2 answers are not gallery images other than the query, e.g. "
                                                    "[\"a.png -> 'a.png'\", \"b.png -> 'z.png'\"]")):
         check_submission(path, "track2", ["a.png", "b.png"], gallery=["a.png", "b.png"])
-    with pytest.raises(ValueError, match=re.escape(f"{path}: pass gallery= (the image names a track2 answer may use).")):
+    message = f"{path}: pass gallery= (the image names a track2 answer may use)."
+    with pytest.raises(ValueError, match=re.escape(message)):
         check_submission(path, "track2", ["a.png", "b.png"])
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("submission.json", '{"a": 0, "a": 1, "b": 0, "b": 1, "c": 0, "c": 1, "d": 0, "d": 1}')
@@ -906,7 +907,7 @@ def test_region_ids_and_probabilities_may_come_as_columns_and_missing_probabilit
 
 
 def test_coarse_of_names_its_argument_when_an_id_is_out_of_range():
-    with pytest.raises(ValueError, match=re.escape("labels7 ids must be in 0..6; got 0..7.")):
+    with pytest.raises(ValueError, match=re.escape("label_ids ids must be in 0..6; got 0..7.")):
         coarse_of([0, 7])
 
 

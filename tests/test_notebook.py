@@ -1,6 +1,10 @@
 """End to end: the notebook runs top to bottom under papermill on the demo data (offline, CPU), writes
 every result, reads cleanly when saved, and a rerun with the same parameters reuses its caches and
-checkpoint. The paper's protocol (configs/paper.yaml) runs too, with four separately trained models."""
+checkpoints. The paper's protocol (configs/paper.yaml) runs too, with four separately trained models.
+
+Layout (training.RunFolder): each training run in output_dir/checkpoints/<kind>_<id>/, a finished one holding
+config.json, best.pt and done.json (last.pt only while unfinished); caches in output_dir/cache/features
+(BiomedCLIP) and output_dir/cache/dino (DINOv2 probabilities and features)."""
 
 import ast
 import json
@@ -10,10 +14,13 @@ import papermill as pm
 import pytest
 import yaml
 
+import preflight
+import retrieval
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "entrep-prototypical.ipynb"
+FINISHED_RUN = ["best.pt", "config.json", "done.json"]  # a finished run's folder: no last.pt
 FIGURES = ["samples_per_class", "embedding_projection_clip", "learning_curve_dino_shared", "threshold_sweep",
            "misclassified_hybrid", "retrieval_gallery_i2i"] + [
     f"confusion_{level}_{model}" for level in ("coarse", "fine") for model in ("prototypes", "dino", "hybrid")]
@@ -34,6 +41,14 @@ def log_of(nb) -> str:
     """Every text a run printed (streams and plain-text results)."""
     return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "")
                    for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def progress_texts(cell) -> list[str]:
+    """What a cell's progress bars wrote: stderr chunks (tqdm outside a kernel) and text-only display outputs
+    (runtime.progress in a kernel: one display output, updated in place)."""
+    return [o["text"] if o.get("output_type") == "stream" else o["data"]["text/plain"] for o in cell.outputs
+            if o.get("name") == "stderr"
+            or (o.get("output_type") == "display_data" and set(o["data"]) == {"text/plain"})]
 
 
 def cache_files(out: Path) -> dict[Path, int]:
@@ -73,16 +88,17 @@ def test_notebook_has_the_parameter_contract():
         ast.literal_eval(s.value)  # literals only: anything derived belongs in Setup
     assert all("  # " in line for line in src.splitlines() if line.strip()), "every parameter has a trailing comment"
     nb = json.loads(NOTEBOOK.read_text())
-    assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), "commit the notebook without outputs"
+    assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), \
+        "commit the notebook without outputs"
 
 
 def test_defaults_are_valid_parameters():
     """The notebook's defaults and the demo / paper configs pass the Setup checks."""
     defaults = {}
     exec(parameters_cell(), {}, defaults)
-    utils.check_params({k: v for k, v in defaults.items() if k not in ("device", "dino_weights")})
+    preflight.check_params({k: v for k, v in defaults.items() if k not in ("device", "dino_weights")})
     for config in ("demo.yaml", "paper.yaml"):
-        utils.check_params({**defaults, **yaml.safe_load((ROOT / "configs" / config).read_text()), "device": "cpu"})
+        preflight.check_params({**defaults, **yaml.safe_load((ROOT / "configs" / config).read_text()), "device": "cpu"})
 
 
 def test_code_cells_are_short():
@@ -101,7 +117,7 @@ def test_demo_run_writes_every_result(demo_runs):
     for name in FIGURES:
         assert (out / "figures" / f"{name}.png").stat().st_size > 5_000, name
     for key in ("data", "split", "prototypes", "dino", "hybrid", "comparison_fine", "comparison_coarse",
-                "per_class_hybrid", "retrieval", "timings_s"):
+                "per_class_hybrid", "retrieval", "stages", "total_s"):
         assert metrics[key], key
     assert set(metrics["comparison_fine"]) == {"prototypes", "DINOv2", "hybrid", "soft fusion"}
     assert set(metrics["comparison_coarse"]) == {"prototypes (4-way gate)", "DINOv2", "hybrid", "soft fusion"}
@@ -115,7 +131,7 @@ def test_demo_run_writes_every_result(demo_runs):
     assert {(row["queries"], row["model"]) for row in t2i["table"]} == {
         (q, m) for q in ("finding lines", "captions (their own image)") for m in ("biomedclip", "biomedclip tuned")}
     assert t2i["model"] in ("biomedclip", "biomedclip tuned") and "held-out finding lines" in t2i["chosen_on"]
-    assert metrics["timings_s"]["retrieval_tuning_s"] > 0
+    assert metrics["stages"]["retrieval fine-tuning"]["seconds"] > 0  # runtime.Stages: the tuning and its embedding
     assert len(metrics["val_predictions"]["hybrid"]) == metrics["split"]["val"]
     assert metrics["data"]["retrieval_gallery"]["unlisted"] > 0
 
@@ -123,9 +139,10 @@ def test_demo_run_writes_every_result(demo_runs):
 def test_demo_submissions_are_valid_and_answer_from_the_whole_test_folder(demo_runs):
     out, *_ = demo_runs
     data = utils.load_entrep(out / "demo_data")
-    gallery = utils.retrieval_gallery(data, data.queries, "test_folders")
+    gallery = retrieval.gallery_images(data, data.queries, "test_folders")
     utils.check_submission(out / "submission.zip", "track1", data.queries["cls"].file.tolist())
-    track2 = utils.check_submission(out / "submission_i2i.zip", "track2", data.queries["i2i"].file.tolist(), gallery.file)
+    track2 = utils.check_submission(out / "submission_i2i.zip", "track2", data.queries["i2i"].file.tolist(),
+                                    gallery.file)
     utils.check_submission(out / "submission_t2i.zip", "track3", data.queries["t2i"].text.tolist(), gallery.file)
     assert set(track2.values()) - set(data.queries["i2i"].file), "some Track 2 answers are images no list names"
 
@@ -135,18 +152,47 @@ def test_saved_notebook_reads_cleanly(demo_runs):
     _, metrics, _, nb, *_ = demo_runs
     text = log_of(nb)
     assert "\x1b[" not in text and "TqdmWarning" not in text and "IProgress" not in text
-    training = next(c for c in nb.cells if c.cell_type == "code" and "utils.train_dino(" in c.source)
-    bar = [o["text"] for o in training.outputs if o.get("name") == "stderr"]
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "training.train_dino(" in c.source)
+    bar = progress_texts(cell)
     epochs = metrics["dino"]["models"]["shared"]["epochs_run"]
-    assert len(bar) <= epochs + 4, f"{len(bar)} output chunks for {epochs} epochs"
-    last = "".join(bar).rstrip().split("\r")[-1]
-    assert f"{epochs}/{epochs}" in last and "100%" in last, last
+    assert len(bar) == 1, f"{len(bar)} outputs for one training loop of {epochs} epochs"  # one line per loop
+    assert f"{epochs}/{epochs}" in bar[0] and "100%" in bar[0], bar[0]
+    embedding = next(c for c in nb.cells if c.cell_type == "code" and "utils.embed_images(clip" in c.source)
+    assert len(progress_texts(embedding)) <= 1
     assert "PROBLEM [name-case]" not in text and "note [name-case]" in text  # a handled defect is a note
+
+
+def test_the_saved_notebook_ends_with_the_run_report(demo_runs):
+    """The last cell: validation scores with intervals, the frozen choices, time and memory per stage, disk used
+    and the first rows of each submission."""
+    out, metrics, _, nb, *_ = demo_runs
+    report = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    assert "Validation, 7 classes (95% bootstrap intervals):" in report and "hybrid" in report
+    assert f"hybrid threshold {metrics['hybrid']['threshold']}" in report
+    assert all(stage in report for stage in metrics["stages"]) and "output_dir holds" in report
+    for zip_name, _ in utils.SUBMISSIONS.values():
+        assert f"{zip_name} (" in report
+    assert metrics["disk_used_bytes"] > 0 and metrics["params"]["disk"]["planned_total"] > 0
+
+
+def test_a_parameter_of_the_wrong_type_stops_setup_naming_it(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match=r"epochs='many': use a whole number"):
+        run_notebook(tmp_path, epochs="many")
+    nb = json.loads((tmp_path / "executed.ipynb").read_text())
+    failed = next(c for c in nb["cells"] if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
+    assert "preflight.check_params" in "".join(failed["source"])  # Setup, before any work
+    assert not (tmp_path / "cache").exists()
 
 
 def test_rerun_reuses_caches_and_checkpoint_and_repeats_the_results(demo_runs):
     out, first, second, _, log, submissions, caches = demo_runs
-    assert "train_dino: reusing finished run" in log and "train_retrieval: reusing finished run" in log
+    assert all(f"dino_{name}: reusing finished run" in log for name in first["dino"]["models"])
+    assert "retrieval: reusing finished run" in log
+    runs = sorted((out / "checkpoints").iterdir())  # the DINOv2 run and the retrieval run, both finished
+    assert sorted(run.name.rsplit("_", 1)[0] for run in runs) == sorted(
+        ["retrieval", *(f"dino_{name}" for name in first["dino"]["models"])])
+    assert all(sorted(f.name for f in run.iterdir()) == FINISHED_RUN for run in runs)
+    assert {Path(m["checkpoint"]) for m in second["dino"]["models"].values()} <= {run / "best.pt" for run in runs}
     assert cache_files(out) == caches  # nothing re-encoded or re-predicted
     assert second["val_predictions"] == first["val_predictions"]
     assert second["hybrid"]["threshold"] == first["hybrid"]["threshold"]
@@ -175,8 +221,20 @@ def test_paper_protocol_trains_four_separate_models(tmp_path):
     assert sorted(models) == ["coarse", "ear", "nose", "vc"]
     assert {name: m["tasks"] for name, m in models.items()} == {t: [t] for t in ("coarse", "ear", "nose", "vc")}
     assert len({Path(m["checkpoint"]).parent for m in models.values()}) == 4
+    for m in models.values():  # each a finished run of its own: best.pt, config.json, done.json
+        assert sorted(f.name for f in Path(m["checkpoint"]).parent.iterdir()) == FINISHED_RUN
     assert metrics["split"]["method"] == "stratified" and metrics["params"]["flip_swap"] is False
     assert metrics["params"]["tta_flip"] is False and set(metrics["comparison_fine"]) >= {"DINOv2", "hybrid"}
     embeddings = {row["embedding"] for row in metrics["retrieval"]["i2i"]["table"]}
     assert "dinov2" in embeddings and "biomedclip tuned" not in embeddings  # frozen embeddings, as the paper
     assert (tmp_path / "submission.zip").exists()
+    first = {Path(m["checkpoint"]).parent for m in models.values()}
+    log = log_of(run_notebook(tmp_path, "paper.yaml", data_path="demo", clip_model="tiny", dino_model="tiny",
+                              dino_weights="", image_size=56, epochs=2, device="cpu", num_workers=0, seed=0,
+                              keep_runs=1))
+    models = json.loads((tmp_path / "metrics.json").read_text())["dino"]["models"]
+    again = {Path(m["checkpoint"]).parent for m in models.values()}
+    runs = set((tmp_path / "checkpoints").iterdir())
+    assert again <= runs and len(runs - again) == 1 and (runs - again) <= first  # keep_runs=1 earlier run folder
+    assert log.count("pruned ") == 3 and "keep_runs=1" in log
+    assert all(len(list(run.glob("*.pt"))) == 1 for run in runs)  # one weights file per finished run

@@ -1,9 +1,13 @@
-"""Tests for utils section 9, "Retrieval" (Tracks 2 and 3): exact top-k search against a brute-force
-reference, region re-ranking, Recall@k / MRR, the choices made on held-out pairs only, the
-validation query sets, text-to-image ranking and the gallery figure. CPU, tiny seeded data, no network.
-(utils.retrieval_gallery is tested in test_data.py.)"""
+"""retrieval.py (Tracks 2 and 3): exact top-k search against a brute-force reference, region re-ranking,
+Recall@k / MRR and their bootstrap intervals, the choices made on held-out pairs only (evaluate_i2i,
+evaluate_t2i), the held-out images and the validation query sets, the training set of the learned
+retrieval, score fusion, text-to-image ranking and the gallery figure. CPU, tiny seeded data, no network.
+(retrieval.gallery_images is tested in test_data.py; the retrieval fine-tuning in test_training.py.)"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -14,29 +18,43 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image
 
+import retrieval
 import utils
-from utils import (
+from plots import plot_retrieval_gallery
+from retrieval import (
     RERANK_BETA_GRID,
     caption_queries,
     choose_rerank_beta,
     cosine_topk,
     description_queries,
-    embed_texts,
     evaluate_i2i,
+    evaluate_t2i,
+    fuse_embeddings,
+    held_out_images,
     i2i_eval_set,
-    plot_retrieval_gallery,
     rank_gallery,
     rerank_by_region,
     retrieval_hits,
     retrieval_metrics,
-    split_finding_lines,
+    retrieval_training_set,
     text_to_image,
     validation_distractors,
+)
+from runtime import Runtime
+from utils import (
+    FINE_CLASS_TEXTS,
+    PROMPT_TEMPLATES,
+    FeatureTable,
+    embed_texts,
+    exam_id,
+    split_finding_lines,
+    split_train_val,
 )
 
 matplotlib.use("Agg")
 
 CPU = torch.device("cpu")
+RT = Runtime(CPU, progress=False)  # fp32 on the CPU
 NEG_INF = float("-inf")
 
 
@@ -345,7 +363,8 @@ def test_choose_rerank_beta_prefers_r1_then_mrr_then_the_smallest_beta():
     t = table.set_index("beta")
     assert t.loc[0.0, "R@1"] == pytest.approx(1 / 3) and t.loc[0.0, "MRR"] == pytest.approx((1 + 1 / 6 + 1 / 6) / 3)
     assert t.loc[0.1, "MRR"] == pytest.approx((1 + 0.2 + 0.2) / 3)
-    assert t.loc[0.2, "R@1"] == 0.0 and t.loc[0.2, "MRR"] == pytest.approx(0.5) and t.loc[0.2, "MRR"] > t.loc[0.1, "MRR"]
+    assert t.loc[0.2, "R@1"] == 0.0 and t.loc[0.2, "MRR"] == pytest.approx(0.5)
+    assert t.loc[0.2, "MRR"] > t.loc[0.1, "MRR"]
     assert beta == 0.1  # R@1 first, then MRR
     uniform = torch.full((12, 4), 0.25)  # no region information: every beta ties, the smallest wins
     assert choose_rerank_beta(scores, idx, uniform[:3], uniform, relevant)[0] == min(RERANK_BETA_GRID)
@@ -424,7 +443,8 @@ def test_evaluate_i2i_chooses_the_embedding_that_finds_partners_on_held_out_pair
                                  torch.full((20, 4), 0.25), k=5)
     assert choice["embedding"] == "good" and "10 held-out pairs" in choice["chosen_on"]
     assert {"embedding", "pairs", "ranking", "beta", "n", "R@1", "R@5", "R@10", "MRR"} <= set(table.columns)
-    assert row(table, "good", "all pairs", "plain")["R@1"] == 1.0 and row(table, "good", "all pairs", "plain")["n"] == 20
+    good = row(table, "good", "all pairs", "plain")
+    assert good["R@1"] == 1.0 and good["n"] == 20
     assert row(table, "good", "held-out pairs (choice)", "plain")["n"] == 10
     assert row(table, "noise", "held-out pairs (choice)", "region re-rank")["R@1"] < 0.5
 
@@ -498,7 +518,8 @@ def test_description_queries_split_dedupe_and_collect_images():
 
 
 def t2i_table(pairs: list[tuple[str, str]]) -> pd.DataFrame:
-    return pd.DataFrame({"text": [t for t, _ in pairs], "file": [p for _, p in pairs], "path": [f"/d/{p}" for _, p in pairs],
+    return pd.DataFrame({"text": [t for t, _ in pairs], "file": [p for _, p in pairs],
+                         "path": [f"/d/{p}" for _, p in pairs],
                          "source": "train"})
 
 
@@ -522,23 +543,21 @@ def test_caption_queries_dedupe_captions_and_collect_every_image_carrying_one():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip():
-    model, _, tokenizer = utils.load_clip("tiny", CPU)
-    return model, tokenizer
+def tiny_clip() -> utils.Clip:
+    return utils.load_clip("tiny", CPU)
 
 
 def test_text_to_image_ranks_the_gallery_by_text_cosine(tiny_clip):
-    model, tokenizer = tiny_clip
     texts = ["ear", "a spur on the septum", "vocal cords open"]
-    text = embed_texts(model, tokenizer, texts, CPU)  # the very computation text_to_image makes
+    text = embed_texts(tiny_clip, texts, RT)  # the very computation text_to_image makes
     gallery = torch.cat([random_unit(6, text.shape[1], 0), text[[2, 0, 1]]])  # each text's own vector: rows 7, 8, 6
-    ranked = text_to_image(model, tokenizer, texts, gallery, CPU, k=4)
+    ranked = text_to_image(tiny_clip, texts, gallery, RT, k=4)
     assert ranked.shape == (3, 4) and ranked.dtype == torch.long
     assert ranked[:, 0].tolist() == [7, 8, 6]
     sims = text.double() @ gallery.double().T
     best = sims.sort(dim=1, descending=True).values[:, :4]
     assert torch.allclose(sims.gather(1, ranked), best, atol=1e-5)  # the 4 highest cosines, best first
-    assert text_to_image(model, tokenizer, texts, gallery, CPU, k=20).shape == (3, 9)
+    assert text_to_image(tiny_clip, texts, gallery, RT, k=20).shape == (3, 9)
 
 
 # ----------------------------------------------------------------------------------- figure
@@ -581,9 +600,8 @@ def test_rankings_hold_ten_images_per_query_by_default(tiny_clip):
     feats = random_unit(30, 8, 0)
     ids = [f"sha{i}" for i in range(30)]
     assert rank_gallery(feats[:3], feats, ids[:3], ids).shape == (3, 10)  # R@10 needs ten
-    model, tokenizer = tiny_clip
-    gallery = random_unit(30, embed_texts(model, tokenizer, ["ear"], CPU).shape[1], 1)
-    assert text_to_image(model, tokenizer, ["ear", "nose"], gallery, CPU).shape == (2, 10)
+    gallery = random_unit(30, embed_texts(tiny_clip, ["ear"], RT).shape[1], 1)
+    assert text_to_image(tiny_clip, ["ear", "nose"], gallery, RT).shape == (2, 10)
 
 
 def test_rerank_by_region_keeps_tied_candidates_in_shortlist_order_in_long_shortlists():
@@ -666,7 +684,8 @@ def test_evaluate_i2i_chooses_by_the_choice_pairs_even_when_another_embedding_wi
 
 def test_evaluate_i2i_says_which_pairs_it_chose_on_and_ranks_ten():
     _, empty = evaluate_i2i(FEATS, IDS, [], [], [], None)
-    assert empty == {"embedding": "others_win", "beta": 0.0, "chosen_on": "no annotated pairs: the first embedding, no re-ranking"}
+    assert empty == {"embedding": "others_win", "beta": 0.0,
+                     "chosen_on": "no annotated pairs: the first embedding, no re-ranking"}
     table, _ = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, [], None)
     assert set(table.pairs) == {"all pairs (choice; includes pairs a model trained on)"}
     # query 0's partner is the image least like it, 11th of 11 candidates: outside a top-10 ranking
@@ -678,17 +697,18 @@ def test_evaluate_i2i_says_which_pairs_it_chose_on_and_ranks_ten():
 
 
 def test_finding_lines_lose_only_spaces_dashes_and_bullets_at_their_ends():
-    assert split_finding_lines("\u2022 X-ray shows a shadow X\r\n- oedema -\n\t\n") == ["X-ray shows a shadow X", "oedema"]
+    lines = split_finding_lines("\u2022 X-ray shows a shadow X\r\n- oedema -\n\t\n")
+    assert lines == ["X-ray shows a shadow X", "oedema"]
 
 
 def test_held_out_images_are_validation_images_and_whole_pairs_no_training_image_is_in():
     i2i = pd.DataFrame({"query_path": ["t1", "v1", "u1", "u3", "t2"], "match_path": ["u2", "u1", "v2", "u4", "t3"]})
     data = utils.EntrepData(root=None, images=pd.DataFrame(), i2i=i2i, t2i=pd.DataFrame(), queries={},
                             folder_images=pd.DataFrame(), problems=pd.DataFrame(), inventory=pd.DataFrame(), sha1={})
-    held = utils.held_out_images(data, train_paths=["t1", "t2", "t3", "t4"], val_paths=["v1", "v2", "v3"])
+    held = retrieval.held_out_images(data, train_paths=["t1", "t2", "t3", "t4"], val_paths=["v1", "v2", "v3"])
     # t1-u2 and t2-t3 touch training images: out; v1-u1, u1-v2 and the unlabelled u3-u4: in, both images
     assert held == {"v1", "v2", "v3", "u1", "u3", "u4"}
-    assert utils.held_out_images(data, [], []) == {"t1", "u2", "v1", "u1", "v2", "u3", "u4", "t2", "t3"}
+    assert retrieval.held_out_images(data, [], []) == {"t1", "u2", "v1", "u1", "v2", "u3", "u4", "t2", "t3"}
 
 
 def test_retrieval_metric_intervals_are_the_alpha_over_two_percentiles_of_resampled_queries():
@@ -700,7 +720,8 @@ def test_retrieval_metric_intervals_are_the_alpha_over_two_percentiles_of_resamp
     alpha = 0.3
     got = retrieval_metrics(ranked, relevant, ks=(1,), n_boot=5000, alpha=alpha)
     ref = np.concatenate([hit_first[rng.integers(0, n, (2000, n))].mean(1) for _ in range(20)])  # 40,000 of our own
-    for end, right, wrong in (("low", alpha / 2, (alpha / 3, 2 * alpha)), ("high", 1 - alpha / 2, (1 - alpha / 3, 1 - 2 * alpha))):
+    for end, right, wrong in (("low", alpha / 2, (alpha / 3, 2 * alpha)),
+                              ("high", 1 - alpha / 2, (1 - alpha / 3, 1 - 2 * alpha))):
         distance = abs(got[f"R@1_{end}"] - np.quantile(ref, right))
         assert all(distance < abs(got[f"R@1_{end}"] - np.quantile(ref, w)) for w in wrong), end
     assert got["R@1"] == hit_first.mean() and got["R@1_low"] < got["R@1"] < got["R@1_high"]
@@ -712,3 +733,185 @@ def test_retrieval_metric_intervals_are_the_alpha_over_two_percentiles_of_resamp
 def test_finding_keys_strip_only_spaces_and_end_punctuation():
     queries, relevant = description_queries(["Type X", "type x.", "Type", " TYPE ;"])
     assert queries == ["Type X", "Type"] and relevant == [{0, 1}, {2, 3}]
+
+
+# ----------------------------------------------------------------------------------- held_out_images 
+
+
+def test_held_out_images_are_validation_images_and_pairs_touching_no_training_image():
+    i2i = pd.DataFrame({"query_path": ["q1", "q2", "q3", "t1", "v1"], "match_path": ["m1", "t2", "m3", "m4", "m5"]})
+    data = SimpleNamespace(i2i=i2i)
+    train, val = ["t1", "t2", "t3"], ["v1", "v2"]
+    held = held_out_images(data, train, val)
+    # q2-t2 and t1-m4 touch training images: not held out (their other image neither)
+    assert held == {"v1", "v2", "q1", "m1", "q3", "m3", "m5"}
+    assert not held & set(train)
+    assert held_out_images(data, [], []) == {"q1", "m1", "q2", "t2", "q3", "m3", "t1", "m4", "v1", "m5"}
+    assert held_out_images(data, ["q1", "q2", "q3", "t1", "v1"], []) == set()  # every pair touched: none
+
+
+def test_held_out_images_on_the_demo_split(demo_data_set):
+    data = demo_data_set
+    tr, va, _ = split_train_val(data.images, data.i2i, 0.2, seed=0)
+    train, val = data.images["path"].iloc[tr].tolist(), data.images["path"].iloc[va].tolist()
+    held = held_out_images(data, train, val)
+    assert set(val) <= held and not held & set(train)
+    for q, m in zip(data.i2i["query_path"], data.i2i["match_path"]):
+        if {q, m} & set(train):
+            assert not ({q, m} - set(val)) & held  # a pair with a training image is not held out
+        else:
+            assert {q, m} <= held  # whole
+    assert held - set(val)  # the demo has pairs outside both sides: they are held out whole
+
+
+# ----------------------------------------------------------------------------------- retrieval_training_set
+
+
+def test_retrieval_training_set_rows_exclusion_and_texts(demo_data_set):
+    data = demo_data_set
+    everything = (set(data.images["path"]) | set(data.i2i["query_path"]) | set(data.i2i["match_path"])
+                  | set(data.t2i["path"]))
+    exclude = set(data.images["path"].iloc[::3]) | {data.i2i["match_path"].iloc[0], data.t2i["path"].iloc[0]}
+    frame = retrieval_training_set(data, exclude)
+    assert list(frame["path"]) == sorted(everything - exclude)
+    assert not set(frame["path"]) & exclude
+    assert list(frame["sha1"]) == [data.sha1[p] for p in frame["path"]]
+    assert list(frame["file"]) == [Path(p).name for p in frame["path"]]
+    texts = dict(zip(frame["path"], frame["texts"]))
+    assert all(t == sorted(set(t)) for t in texts.values())
+    for text, path in zip(data.t2i["text"], data.t2i["path"]):
+        if path in texts:
+            assert text in texts[path]  # t2i captions
+    checked = 0
+    for path, description, label in zip(data.images["path"], data.images["description_en"], data.images["label"]):
+        if path in texts:
+            assert set(split_finding_lines(description)) <= set(texts[path])  # finding lines
+            assert {PROMPT_TEMPLATES[0].format(t) for t in FINE_CLASS_TEXTS[label]} <= set(texts[path])
+            checked += 1
+    assert checked
+    # an image no caption, description or label describes has no text
+    bare = set(frame["path"]) - set(data.images["path"]) - set(data.t2i["path"])
+    assert bare and all(texts[p] == [] for p in bare)
+    without = retrieval_training_set(data, exclude, class_texts=False)
+    assert list(without["path"]) == list(frame["path"])
+    prompts = {PROMPT_TEMPLATES[0].format(t) for ts in FINE_CLASS_TEXTS.values() for t in ts}
+    assert not any(set(t) & prompts for t in without["texts"])
+    assert any(set(t) & prompts for t in frame["texts"])
+    for path, t in zip(without["path"], without["texts"]):
+        assert set(t) == set(texts[path]) - prompts
+
+def test_retrieval_training_set_groups_link_pairs_and_examinations_on_the_demo(demo_data_set):
+    data = demo_data_set
+    frame = retrieval_training_set(data, ())
+    group = dict(zip(frame["path"], frame["group"]))
+    for q, m in zip(data.i2i["query_path"], data.i2i["match_path"]):
+        assert group[q] == group[m]  # i2i partners
+    by_exam = frame.assign(exam=[exam_id(f) for f in frame["file"]]).groupby("exam")["group"].nunique()
+    public = [exam_id(f) for f in data.images.loc[data.images["release"] == "public", "file"]]
+    assert any(frame["file"].map(exam_id).eq(e).sum() > 1 for e in public)
+    assert (by_exam.loc[sorted(set(public))] == 1).all()  # one examination's public images
+    assert frame["group"].nunique() > 1
+
+def test_retrieval_training_set_on_hand_made_data_groups_and_texts_exactly():
+    """Six images: a pair (one unlabelled), two views of one examination, a copy of one's bytes, a loner."""
+    e1, e2 = "12345678_123456789012345678_001_image01.png", "12345678_123456789012345678_002_image02.png"
+    images = pd.DataFrame({"path": ["/d/a.png", f"/d/{e1}", f"/d/{e2}", "/d/c.png", "/d/d.png"],
+                           "description_en": ["A polyp.\r\nmucus", "", "wax", "", "pus"],
+                           "label": ["nose-left", "ear-right", "ear-right", "throat", "vc-open"]})
+    i2i = pd.DataFrame({"query": ["a.png"], "match": ["u.png"], "query_path": ["/d/a.png"], "match_path": ["/d/u.png"]})
+    t2i = pd.DataFrame({"text": ["a spur", "A polyp."], "path": ["/d/u.png", "/d/a.png"]})
+    sha1 = {"/d/a.png": "1", f"/d/{e1}": "2", f"/d/{e2}": "3", "/d/c.png": "4", "/d/d.png": "4", "/d/u.png": "5"}
+    data = SimpleNamespace(images=images, i2i=i2i, t2i=t2i, sha1=sha1)
+    frame = retrieval_training_set(data, ["/d/d.png"]).set_index("file")
+    assert list(frame.index) == sorted(["a.png", e1, e2, "c.png", "u.png"])  # the excluded d.png is gone
+    g = frame["group"]
+    assert g["a.png"] == g["u.png"] and g[e1] == g[e2] and len({g["a.png"], g[e1], g["c.png"]}) == 3
+    prompt = PROMPT_TEMPLATES[0].format
+    assert frame.loc["a.png", "texts"] == sorted({"A polyp.", "mucus", prompt("left nasal passage"),
+                                                  prompt("left nasal cavity")})
+    assert frame.loc["u.png", "texts"] == ["a spur"]
+    assert frame.loc["c.png", "texts"] == sorted({prompt("throat"), prompt("oropharynx")})
+    without = retrieval_training_set(data, ["/d/d.png"], class_texts=False).set_index("file")
+    assert without.loc["a.png", "texts"] == ["A polyp.", "mucus"]
+    both = retrieval_training_set(data, []).set_index("file")["group"]
+    assert both["c.png"] == both["d.png"] != both["a.png"]  # identical bytes share a group
+
+
+# ----------------------------------------------------------------------------------- fuse_embeddings
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.25, 0.5, 1.0])
+def test_fuse_embeddings_gives_unit_rows_whose_cosine_is_the_weighted_sum(weight):
+    a, b = random_unit(7, 5, 0), random_unit(7, 3, 1)
+    fused = fuse_embeddings(a, b, weight)
+    assert fused.shape == (7, 8)
+    assert torch.allclose(fused.norm(dim=1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(fused @ fused.T, weight * (a @ a.T) + (1 - weight) * (b @ b.T), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- evaluate_t2i
+
+
+LINES = ["a polyp in the left nasal cavity", "wax in the right ear canal", "the vocal cords are closed",
+         "red swollen tonsils", "a perforated tympanic membrane", "mucus on the septum", "a nodule on the vocal fold",
+         "a normal throat"]
+
+
+def test_evaluate_t2i_chooses_the_perfect_ranker_on_the_first_query_set_with_queries(tiny_clip):
+    paths = [f"/gallery/img{i}.png" for i in range(len(LINES))]
+    perfect = FeatureTable(paths, embed_texts(tiny_clip, LINES, RT))  # each image IS its line
+    random_table = FeatureTable(paths, random_unit(len(LINES), perfect.feats.shape[1], 7))
+    # a later set on which the random table wins: relevant = its own first answer
+    random_first = text_to_image(tiny_clip, LINES, random_table[paths], RT)[:, 0].tolist()
+    favours_random = [{r} for r in random_first]
+    assert sum(r == i for i, r in enumerate(random_first)) < len(LINES) - 2
+    query_sets = {"captions": ([], [], paths), "finding lines": (LINES, [{i} for i in range(len(LINES))], paths),
+                  "other": (LINES, favours_random, paths)}
+    models = {"random": (tiny_clip, random_table), "perfect": (tiny_clip, perfect)}
+    table, choice = evaluate_t2i(models, query_sets, RT)
+    assert choice["model"] == "perfect"
+    assert "finding lines" in choice["chosen_on"] and str(len(LINES)) in choice["chosen_on"]
+    assert set(table["queries"]) == {"finding lines", "other"}  # a set without queries has no rows
+    row = table[(table["queries"] == "finding lines") & (table["model"] == "perfect")].iloc[0]
+    assert row["R@1"] == 1.0 and row["MRR"] == 1.0 and row["n"] == len(LINES) and row["gallery"] == len(paths)
+    for m in ("R@1", "R@5", "R@10", "MRR"):
+        assert (table[f"{m}_low"] <= table[m] + 1e-12).all() and (table[m] <= table[f"{m}_high"] + 1e-12).all()
+    other = table[(table["queries"] == "other")].set_index("model")
+    assert other.loc["random", "R@1"] == 1.0 > other.loc["perfect", "R@1"]  # choosing there would pick random
+
+
+def test_evaluate_t2i_without_queries_returns_the_first_model_and_says_so(tiny_clip):
+    paths = ["/a.png", "/b.png"]
+    table = FeatureTable(paths, random_unit(2, 32, 0))
+    result, choice = evaluate_t2i({"frozen": (tiny_clip, table), "tuned": (tiny_clip, table)},
+                                  {"captions": ([], [], paths), "finding lines": ([], [], paths)}, RT)
+    assert result.empty
+    assert choice["model"] == "frozen" and "first model" in choice["chosen_on"]
+
+
+# ----------------------------------------------------------------------------------- retrieval_metrics intervals
+
+
+def ranked_queries(n: int, seed: int) -> tuple[np.ndarray, list[set[int]]]:
+    rng = np.random.default_rng(seed)
+    ranked = np.stack([rng.permutation(20)[:10] for _ in range(n)])
+    relevant = [{int(rng.integers(0, 20))} for _ in range(n)]
+    return ranked, relevant
+
+
+def test_retrieval_metrics_bootstrap_interval_contains_the_estimate_is_seeded_and_narrows():
+    ranked, relevant = ranked_queries(30, 0)
+    plain = retrieval_metrics(ranked, relevant)
+    assert not any(k.endswith(("_low", "_high")) for k in plain)
+    boot = retrieval_metrics(ranked, relevant, n_boot=500, seed=1)
+    for m in ("R@1", "R@5", "R@10", "MRR"):
+        assert boot[m] == plain[m]
+        assert boot[f"{m}_low"] <= boot[m] <= boot[f"{m}_high"]
+    assert boot["R@10_low"] < boot["R@10_high"]
+    assert retrieval_metrics(ranked, relevant, n_boot=500, seed=1) == boot
+    assert retrieval_metrics(ranked, relevant, n_boot=500, seed=2) != boot
+    # the same hit pattern over 20 times the queries: a narrower interval
+    many = retrieval_metrics(np.tile(ranked, (20, 1)), relevant * 20, n_boot=500, seed=1)
+    for m in ("R@5", "R@10", "MRR"):
+        assert many[m] == pytest.approx(boot[m])
+        assert many[f"{m}_high"] - many[f"{m}_low"] < 0.5 * (boot[f"{m}_high"] - boot[f"{m}_low"])
