@@ -85,19 +85,25 @@ def plot_embedding_projection(feats: torch.Tensor, labels: Sequence[int], names:
     return fig
 
 
-def plot_learning_curve(history: pd.DataFrame, title: str = "") -> Figure:
-    """Train / validation loss and the validation score per epoch, the best epoch marked."""
+def plot_learning_curve(histories: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "") -> Figure:
+    """Train / validation loss and the validation score per epoch of one run's history, or of several
+    ({fold name: history}, one colour each), each run's best epoch marked."""
+    runs = {"": histories} if isinstance(histories, pd.DataFrame) else dict(histories)
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax_loss, ax_score = fig.subplots(1, 2)
-    ax_loss.plot(history["epoch"], history["train_loss"], marker="o", label="train")
-    ax_loss.plot(history["epoch"], history["val_loss"], marker="o", label="validation")
+    for (name, h), color in zip(runs.items(), sns.color_palette("tab10", len(runs))):
+        tag = f" {name}" if name else ""
+        ax_loss.plot(h["epoch"], h["train_loss"], marker="o", color=color, label=f"train{tag}")
+        ax_loss.plot(h["epoch"], h["val_loss"], marker="o", linestyle=":", color=color, label=f"validation{tag}")
+        ax_score.plot(h["epoch"], h["val_score"], marker="o", color=color, label=f"validation macro F1{tag}")
+        best = h.loc[h["val_score"].idxmax(), "epoch"]
+        for ax in (ax_loss, ax_score):
+            ax.axvline(best, color=color if name else "grey", linestyle="--", linewidth=1,
+                       label=f"best epoch {int(best)}{tag}")
     ax_loss.set(xlabel="epoch", ylabel="multi-task loss", title="Loss")
-    ax_score.plot(history["epoch"], history["val_score"], marker="o", label="validation macro F1")
     ax_score.set(xlabel="epoch", ylabel="macro F1 (dino_val_score)", title="Validation", ylim=(0, 1.02))
-    best = history.loc[history["val_score"].idxmax(), "epoch"]
     for ax in (ax_loss, ax_score):
-        ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best epoch {int(best)}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7 if len(runs) > 1 else 8)
     if title:
         fig.suptitle(title)
     return fig

@@ -20,20 +20,9 @@ import timm
 import torch
 
 from runtime import resolve_device
-from utils import (
-    BIOMEDCLIP_HUB_ID,
-    DINO_DEFAULT_ARCH,
-    DINO_MODEL_SETS,
-    DINO_TINY_KWARGS,
-    IMAGE_EXTENSIONS,
-    RETRIEVAL_GALLERIES,
-    RETRIEVAL_TUNINGS,
-    SPLITS,
-    SURGENET_VITB_URL,
-    TINY_CLIP_CFG,
-    dino_arch,
-    read_checkpoint,
-)
+from utils import (BIOMEDCLIP_HUB_ID, DINO_DEFAULT_ARCH, DINO_MODEL_SETS, DINO_TINY_KWARGS, IMAGE_EXTENSIONS, MIXES,
+                   RESIZES, RETRIEVAL_GALLERIES, RETRIEVAL_TUNINGS, SPLITS, SURGENET_VITB_URL, TINY_CLIP_CFG,
+                   dino_arch, read_checkpoint)
 
 
 def _is_int(v: object) -> bool:
@@ -56,6 +45,10 @@ PARAM_RULES: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("lr_head", lambda v: _is_num(v) and v > 0, "use a positive learning rate, e.g. 1e-3"),
     ("lr_backbone", lambda v: _is_num(v) and v >= 0, "use a learning rate >= 0, e.g. 2e-5 (0 freezes the backbone)"),
     ("split", lambda v: v in SPLITS, f"use one of {SPLITS}"),
+    ("cv_folds", lambda v: _is_int(v) and v >= 1, "use 5 (default), another number of folds >= 2, or 1 for one "
+     "validation split (the paper's protocol)"),
+    ("resize", lambda v: v in RESIZES, f"use one of {RESIZES}"),
+    ("mix", lambda v: v in MIXES, f"use one of {MIXES}"),
     ("dino_heads", lambda v: v in DINO_MODEL_SETS, f"use one of {tuple(DINO_MODEL_SETS)}"),
     ("retrieval_gallery", lambda v: v in RETRIEVAL_GALLERIES, f"use one of {RETRIEVAL_GALLERIES}"),
     ("dino_gpus", lambda v: v == "auto" or (_is_int(v) and v >= 1), "use 'auto' or a number of GPUs >= 1"),
@@ -200,12 +193,12 @@ def dino_parameter_count(dino_model: str, dino_source: str, image_size: int) -> 
     return sum(t.numel() for t in model.parameters())
 
 
-def planned_bytes(p: Mapping[str, object], dino_params: int, clip_cache: Path, n_images: int,
-                  folds: int = 1) -> dict[str, int]:
+def planned_bytes(p: Mapping[str, object], dino_params: int, clip_cache: Path, n_images: int) -> dict[str, int]:
     """What a run with parameters `p` writes at most, from parameter counts (fp32: 4 bytes each; dino_params:
-    dino_parameter_count): every finished DINOv2 run's weights, the largest run in progress (its last.pt:
-    weights plus AdamW's two moments), the retrieval run's trained tensors, BiomedCLIP's download, the
-    embedding caches of n_images images."""
+    dino_parameter_count): every finished DINOv2 run's weights (each model of each fold, and the refit), the
+    largest run in progress (its last.pt: weights plus AdamW's two moments), the retrieval run's trained
+    tensors, BiomedCLIP's download, the embedding caches of n_images images."""
+    folds = p.get("cv_folds", 1) + bool(p.get("refit_full", False))
     models, dino = len(DINO_MODEL_SETS[p["dino_heads"]]) * folds, 4 * dino_params
     local = Path(str(p["clip_model"]).removeprefix("local-dir:"), "open_clip_pytorch_model.bin")
     clip = (4 * sum(t.numel() for t in open_clip.CLIP(**TINY_CLIP_CFG).parameters()) if p["clip_model"] == "tiny"
@@ -229,10 +222,12 @@ def count_images(root: str | os.PathLike | None) -> int:
 def cpu_hours(p: Mapping[str, object], dino_params: int, n_images: int, cores: int,
               gflops_per_core: float = 50.0) -> float:
     """An estimate of the hours DINOv2's fine-tuning alone takes on `cores` CPU cores: 6 FLOPs per parameter
-    and token (forward and backward) for n_images images in every epoch of every model, at gflops_per_core
+    and token (forward and backward) for n_images images in every epoch of every model of every fold (and the
+    refit), at gflops_per_core
     (what one core of this project's CPUs sustained in fp32 matrix multiplies, README "Performance")."""
     tokens = (p["image_size"] // 14) ** 2 + 1
-    images = n_images * p["epochs"] * len(DINO_MODEL_SETS[p["dino_heads"]])
+    folds = p.get("cv_folds", 1) + bool(p.get("refit_full", False))  # each fold trains on most of the images
+    images = n_images * p["epochs"] * len(DINO_MODEL_SETS[p["dino_heads"]]) * folds
     return 6 * dino_params * tokens * images / (cores * gflops_per_core * 1e9) / 3600
 
 

@@ -22,7 +22,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,31 +41,10 @@ from tqdm import tqdm
 
 from runtime import Runtime, atomic_save, autocast, data_parallel, prune_runs, save_json, seed_everything
 from runtime import progress as progress_bar
-from utils import (
-    COARSE_TO_ID,
-    DINO_TASKS,
-    FINE_DECISION_THRESHOLD,
-    FINE_TASKS,
-    LABEL_ID_TO_COARSE_ID,
-    LABEL_TO_ID,
-    LABELS,
-    RETRIEVAL_TUNINGS,
-    Clip,
-    DinoClassifier,
-    SquareImages,
-    Trained,
-    coarse_of,
-    collect_logits,
-    dino_data_config,
-    dino_image_size,
-    dino_transform,
-    file_sha1,
-    finding_key,
-    make_loader,
-    model_fingerprint,
-    region_then_fine,
-    task_probs,
-)
+from utils import (COARSE_TO_ID, DINO_TASKS, FINE_DECISION_THRESHOLD, FINE_TASKS, LABEL_ID_TO_COARSE_ID, LABEL_TO_ID,
+                   LABELS, MIXES, RETRIEVAL_TUNINGS, Clip, DinoClassifier, PadToSquare, SquareImages, Trained,
+                   coarse_of, collect_logits, dino_data_config, dino_image_size, dino_transform, file_sha1,
+                   finding_key, make_loader, model_fingerprint, region_then_fine, task_probs)
 
 # =============================================================================================
 # 1. The harness: one resumable, content-keyed epoch runner
@@ -179,6 +158,7 @@ class Recipe:
     cfg: TrainConfig
     saved_keys: frozenset[str] | None = None
     data_parallel: bool = True  # whether each batch may be split over rt.gpus (the loss calls net(x))
+    evaluates: bool = False  # whether evaluate() scores each epoch (the best epoch is kept), else the last
 
     def loader(self) -> DataLoader:
         raise NotImplementedError
@@ -321,7 +301,7 @@ def fit(recipe: Recipe, rt: Runtime) -> Trained:
     model.to(rt.device)
     loader = recipe.loader()
     opt = _Optimization(recipe, len(loader), rt)
-    evaluates = type(recipe).evaluate is not Recipe.evaluate
+    evaluates = recipe.evaluates
     progress = run.progress(needs_best=evaluates) or {"epoch": 0, "history": [], "best_score": -math.inf,
                                                        "best_epoch": 0}
     if "model" in progress:
@@ -460,7 +440,8 @@ class DinoConfig(TrainConfig):
     """The DINOv2 fine-tuning recipe (project's choices; the paper gives none): TrainConfig with the heads
     at lr_head and the backbone at lr_backbone (optionally layer-decayed), no decay on norms, biases and
     tokens; class-weighted losses; flips with label swap at flip_p; gradient clipping at 1; early stopping
-    after 5 epochs without a better validation score."""
+    after 5 epochs without a better validation score. resize: the square each frame becomes
+    (utils.to_square); mix: same-label mixing (same_label_mix) of a batch's images at mix_p."""
 
     lr_head: float = 1e-3
     lr_backbone: float = 2e-5
@@ -468,6 +449,39 @@ class DinoConfig(TrainConfig):
     max_grad_norm: float | None = 1.0
     patience: int | None = 5
     flip_p: float = 0.5
+    resize: str = "crop"
+    mix: str = "off"
+    mix_p: float = 0.5
+    mix_alpha: float = 1.0
+
+
+def same_label_mix(x: torch.Tensor, y: torch.Tensor, mode: str, p: float = 0.5, alpha: float = 1.0) -> torch.Tensor:
+    """The Track 1 winner's same-label mixing (ENTREP.md): each image of x (B, 3, H, W), with probability p,
+    mixed with another image of the same label y (B,) in the batch ("mixup": lam * x + (1 - lam) * partner;
+    "cutmix": a box of area 1 - lam of the partner pasted in), lam ~ Beta(alpha, alpha). Every label stays
+    true, so the loss needs no soft targets. Draws from torch's global RNG, which the harness seeds per
+    epoch: a resumed run mixes alike. "off": x itself."""
+    if mode == "off":
+        return x
+    if mode not in MIXES:
+        raise ValueError(f"mix={mode!r}: use one of {MIXES}.")
+    b, (h, w), labels = len(y), x.shape[-2:], y.cpu()
+    partner = torch.arange(b)
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        partner[members] = members[torch.randperm(len(members))]
+    apply = (torch.rand(b) < p) & (partner != torch.arange(b))
+    lam = torch.distributions.Beta(alpha, alpha).sample((b,))
+    if mode == "mixup":
+        keep = lam.view(b, 1, 1, 1).to(x)
+    else:  # a box of side sqrt(1 - lam) of each side, centred anywhere, clipped at the border
+        cy, cx, half = torch.rand(b) * h, torch.rand(b) * w, (1 - lam).sqrt() / 2
+        rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+        box = ((rows - cy.view(b, 1, 1)).abs() < half.view(b, 1, 1) * h) & \
+              ((cols - cx.view(b, 1, 1)).abs() < half.view(b, 1, 1) * w)
+        keep = (~box).unsqueeze(1).to(x)
+    mixed = keep * x + (1 - keep) * x[partner.to(x.device)]
+    return torch.where(apply.view(b, 1, 1, 1).to(x.device), mixed, x)
 
 
 def param_groups(model: DinoClassifier, cfg: DinoConfig) -> list[dict]:
@@ -505,14 +519,17 @@ def dino_val_score(probs: Mapping[str, np.ndarray], label_ids: np.ndarray) -> fl
 
 class DinoTraining(Recipe):
     """train_dino's recipe: a DinoClassifier on the images its heads are for (task_images), flips with label
-    swap, class-weighted multi-task loss; each epoch scored by dino_val_score on the validation images."""
+    swap, class-weighted multi-task loss; each epoch scored by dino_val_score on the validation images (none:
+    every epoch runs and the last one's weights are kept)."""
 
-    def __init__(self, model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cfg: DinoConfig, rt: Runtime,
-                 kind: str):
+    def __init__(self, model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame | None, cfg: DinoConfig,
+                 rt: Runtime, kind: str):
         if cfg.epochs < 1:
             raise ValueError(f"epochs={cfg.epochs}: fine-tuning needs at least 1 epoch.")
+        self.evaluates = val is not None
+        val = train.iloc[:0] if val is None else val
         self.train, self.val = (d[task_images(model.tasks, d["label_id"])] for d in (train, val))
-        if self.train.empty or self.val.empty:
+        if self.train.empty or (self.evaluates and self.val.empty):
             raise ValueError(f"{kind}: no training or validation images for heads {model.tasks}; add labelled images.")
         self.model, self.cfg, self.rt, self.kind, self.size = model, cfg, rt, kind, dino_image_size(model)
         self.identity = {"initial_weights": model_fingerprint(model), "image_size": self.size, "tasks": model.tasks,
@@ -526,7 +543,7 @@ class DinoTraining(Recipe):
         data = dino_data_config(self.model, self.size)
         transform = train_transform(self.size, data["mean"], data["std"], data["interpolation"])
         images = SquareImages(self.train["path"].tolist(), self.train["label_id"].tolist(), transform,
-                              train_square_side(self.size), self.cfg.flip_p)
+                              train_square_side(self.size), self.cfg.flip_p, self.cfg.resize)
         return make_loader(images, self.cfg.batch_size, self.rt.num_workers, self.rt.device,
                            sampler=EpochSampler(len(images), self.cfg.seed))
 
@@ -535,15 +552,18 @@ class DinoTraining(Recipe):
 
     def loss(self, net: nn.Module, batch) -> torch.Tensor:
         x, y = (t.to(self.rt.device, non_blocking=True) for t in batch)
+        x = same_label_mix(x, y, self.cfg.mix, self.cfg.mix_p, self.cfg.mix_alpha)
         return multitask_loss(net(x), y, self.class_weights)
 
     @cached_property
     def val_loader(self) -> DataLoader:
         images = SquareImages(self.val["path"].tolist(), self.val["label_id"].tolist(),
-                              dino_transform(self.model, self.size), self.size)
+                              dino_transform(self.model, self.size), self.size, resize=self.cfg.resize)
         return make_loader(images, self.cfg.batch_size, self.rt.num_workers, self.rt.device)
 
     def evaluate(self) -> dict[str, float]:
+        if not self.evaluates:
+            return {}
         logits, labels = collect_logits(self.model, self.val_loader, self.rt.device, self.rt.amp)
         cpu_weights = {k: v.cpu() for k, v in self.class_weights.items()}
         return {"val_loss": multitask_loss(logits, labels, cpu_weights).item(),
@@ -557,6 +577,20 @@ def train_dino(model: DinoClassifier, train: pd.DataFrame, val: pd.DataFrame, cf
     rt.checkpoint_dir/<name>_<id>/ (fit: <id> hashes the initial weights, image size, heads, every training
     and validation image's content and label, cfg, precision and the augmentation)."""
     return fit(DinoTraining(model, train, val, cfg, rt, name), rt)
+
+
+def refit_dino(folds: Sequence[Mapping[str, Trained]], images: pd.DataFrame, cfg: DinoConfig, rt: Runtime,
+               build: Callable[[tuple[str, ...]], DinoClassifier]) -> dict[str, Trained]:
+    """One more model per model of the folds ({name: Trained} each), built by build(tasks) and trained on
+    `images` for the folds' median best epoch with no early stopping: nothing is held out to choose an epoch
+    on, so its last epoch's weights are kept (refit_full)."""
+    out = {}
+    for name, first in folds[0].items():
+        epochs = int(np.median([fold[name].history["val_score"].idxmax() + 1 for fold in folds]))
+        recipe = DinoTraining(build(first.model.tasks), images, None, replace(cfg, epochs=epochs, patience=None),
+                              rt, f"dino_{name}_refit")
+        out[name] = fit(recipe, rt)
+    return out
 
 
 # =============================================================================================
@@ -685,11 +719,13 @@ class RetrievalTraining(Recipe):
         self.groups, self.texts = torch.tensor(train["group"].to_numpy()), [list(t) for t in train["texts"]]
 
     def loader(self) -> DataLoader:
-        steps = self.clip.preprocess.transforms
+        steps = _steps(self.clip.preprocess)
         normalize = next(t for t in steps if isinstance(t, T.Normalize))  # the model's own mean, std ...
         resize = next(t for t in steps if isinstance(t, T.Resize))  # ... and interpolation
         transform = train_transform(self.size, normalize.mean, normalize.std, resize.interpolation.value)
-        views = TwoViews(self.train["path"].tolist(), None, transform, train_square_side(self.size), self.cfg.mirror_p)
+        square = "pad" if any(isinstance(t, PadToSquare) for t in steps) else "crop"  # as the model reads frames
+        views = TwoViews(self.train["path"].tolist(), None, transform, train_square_side(self.size), self.cfg.mirror_p,
+                         square)
         sampler = EpochSampler(len(views), self.cfg.seed, groups=self.train["group"].tolist())
         return make_loader(views, self.cfg.batch_size, self.rt.num_workers, self.rt.device, sampler=sampler,
                            drop_last=len(views) > self.cfg.batch_size)
@@ -711,6 +747,12 @@ class RetrievalTraining(Recipe):
         return retrieval_loss(self.encoders, self.clip.tokenizer, (first.to(device), second.to(device)),
                               self.groups[index].to(device), chosen, [texts[i] for i in index.tolist()],
                               self.cfg.temperature)
+
+
+def _steps(transform: Callable) -> list[Callable]:
+    """The steps of a preprocessing pipeline, nested Compose flattened (utils.square_clip nests one)."""
+    inner = getattr(transform, "transforms", None)
+    return [step for t in inner for step in _steps(t)] if inner is not None else [transform]
 
 
 def train_retrieval(clip: Clip, train: pd.DataFrame, cfg: RetrievalConfig, rt: Runtime) -> Trained | None:

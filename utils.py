@@ -54,6 +54,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, train_test
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
 from runtime import Runtime, atomic_path, autocast, cpu_count, data_parallel, progress, seeded
 
@@ -164,6 +165,10 @@ FINE_DECISION_THRESHOLD: float = 0.5
 
 # Parameter values with a meaning of their own.
 SPLITS: tuple[str, ...] = ("grouped", "stratified")  # examination-grouped (default) or the paper's plain split
+# How a frame becomes the models' square input: "crop" the centre square (the circular field of view is
+# about the frame's height), or "pad" the whole frame letterboxed on black (the Track 1 winner's choice).
+RESIZES: tuple[str, ...] = ("crop", "pad")
+MIXES: tuple[str, ...] = ("off", "mixup", "cutmix")  # same-label mixing while DINOv2 trains (training.DinoConfig)
 RETRIEVAL_GALLERIES: tuple[str, ...] = ("test_folders", "lists", "all")  # see retrieval.gallery_images
 RETRIEVAL_TUNINGS: tuple[str, ...] = ("tail", "lora", "off")  # see training.RetrievalConfig; "off": frozen (the paper)
 
@@ -267,6 +272,17 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     if im.has_transparency_data:  # an alpha band, or a transparent colour (PNG tRNS) in any mode
         im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
     return im.convert("RGB")
+
+
+def to_square(im: Image.Image, size: int, resize: str = "crop") -> Image.Image:
+    """A frame as a size x size square, bicubic (RESIZES): "crop" takes the centre square (timm's eval
+    geometry at crop_pct 1.0), "pad" keeps the whole frame and fills the rest with black, the endoscope's
+    own background."""
+    if resize == "pad":
+        return ImageOps.pad(im, (size, size), method=Image.Resampling.BICUBIC, color=(0, 0, 0))
+    if resize != "crop":
+        raise ValueError(f"resize={resize!r}: use one of {RESIZES}.")
+    return ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
 
 
 def file_sha1(path: str | os.PathLike) -> str:
@@ -768,6 +784,50 @@ def split_train_val(images: pd.DataFrame, i2i: pd.DataFrame, val_fraction: float
     return np.flatnonzero(folds >= m), val, f"{m} of {k} stratified folds grouped by examination"
 
 
+@dataclass(frozen=True)
+class Fold:
+    """One fold of the evaluation (rows of EntrepData.images). Models train on `fit`; every choice (prototype
+    weight and temperature, DINOv2's best epoch, the hybrid threshold, the soft-fusion weight) is made on
+    `choose`; `predict` is only predicted, and no image of its content groups is in fit or choose. With one
+    fold (cv_folds=1, the paper's protocol) choose and predict are the same validation split, as before
+    cross-validation: the choices are then made on the images they are scored on (the fusion's cross-fitted)."""
+
+    name: str
+    fit: pd.DataFrame
+    choose: pd.DataFrame
+    predict: pd.DataFrame
+
+
+def make_folds(images: pd.DataFrame, i2i: pd.DataFrame, cv_folds: int, val_fraction: float, seed: int,
+               split: str = "grouped", exclude: Iterable[str] = ()) -> tuple[list[Fold], str]:
+    """The folds every labelled image is predicted in, and a sentence saying how they were made.
+
+    cv_folds >= 2: stratified folds grouped as the split is (identical bytes, i2i partners, one examination on
+    one side; grouped_fold_ids, which lowers k when a class or the groups are too few: said so); fold j
+    predicts its images, and the others, less `exclude` (the retrieval hold-out: never trained on), are
+    split again (split_train_val, grouped) into fit and choose. cv_folds 1: split_train_val's validation
+    split, with `split` (the paper's plain one for its protocol). No folds when the images are too few."""
+    labels = images["label_id"].to_numpy()
+    excluded = images["path"].isin(set(exclude)).to_numpy()
+    if cv_folds == 1:
+        train, val, how = split_train_val(images, i2i, val_fraction, seed, split)
+        fit = images.iloc[train][~excluded[train]]
+        val_rows = images.iloc[val].reset_index(drop=True)
+        return ([Fold("validation split", fit.reset_index(drop=True), val_rows, val_rows)] if len(val) else []), how
+    fold_of = grouped_fold_ids(labels, split_groups(images, i2i), cv_folds, seed) if len(images) > 1 else []
+    k = int(max(fold_of, default=-1)) + 1
+    folds = []
+    for j in range(k if k >= 2 else 0):
+        rest = images[(fold_of != j) & ~excluded].reset_index(drop=True)
+        inner_fit, inner_choose, _ = split_train_val(rest, i2i, val_fraction, seed, "grouped")
+        fit, choose = (rest.iloc[inner_fit], rest.iloc[inner_choose]) if len(inner_choose) else (rest, rest)
+        folds.append(Fold(f"fold {j + 1} of {k}", fit.reset_index(drop=True), choose.reset_index(drop=True),
+                          images[fold_of == j].reset_index(drop=True)))
+    lowered = f" (cv_folds={cv_folds} lowered to {k}: too few images in a class or too few groups)" * (k < cv_folds)
+    return folds, (f"{k} stratified folds grouped by examination{lowered}; in each, choices on a grouped "
+                   f"{val_fraction:g} of its training part" if k >= 2 else f"no folds: {len(images)} labelled image(s)")
+
+
 def sample_per_class(images: pd.DataFrame, per_class: int = 4, seed: int = 0) -> pd.DataFrame:
     """Up to `per_class` random rows of each label, in LABELS order (for plot_image_grid)."""
     return pd.concat([g.sample(min(per_class, len(g)), random_state=seed)
@@ -816,6 +876,27 @@ def load_clip(name: str = BIOMEDCLIP_HUB_ID, device: str | torch.device = "cpu",
         raise ValueError(f"clip_model={name!r}: use 'hf-hub:<org>/<repo>' (e.g. {BIOMEDCLIP_HUB_ID}), "
                          "'local-dir:<folder with open_clip_config.json + weights>' or 'tiny'.")
     return Clip(model.to(device).eval(), preprocess, tokenizer)
+
+
+class PadToSquare:
+    """A preprocessing step letterboxing a frame to its own long side on black (to_square "pad"), before a
+    model's own preprocessing: resize="pad" for BiomedCLIP. Its repr is part of the embedding cache's key."""
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        return to_square(im, max(im.size), "pad")
+
+    def __repr__(self) -> str:
+        return "PadToSquare(black)"
+
+
+def square_clip(clip: Clip, resize: str) -> Clip:
+    """`clip` reading each frame as `resize` says (RESIZES): "crop", as its own preprocessing does (the short
+    side resized, the centre cropped); "pad", the whole frame letterboxed on black first."""
+    if resize == "crop":
+        return clip
+    if resize != "pad":
+        raise ValueError(f"resize={resize!r}: use one of {RESIZES}.")
+    return Clip(clip.model, transforms.Compose([PadToSquare(), clip.preprocess]), clip.tokenizer)
 
 
 class ImagePathDataset(Dataset):
@@ -973,25 +1054,49 @@ def batched_scores(y_true, y_pred) -> dict[str, np.ndarray]:
             "weighted_f1": (f1 * support).sum(axis=1) / n}
 
 
-def bootstrap_ci(y_true, y_pred, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
+def bootstrap_ci(y_true, y_pred, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                 groups=None) -> pd.DataFrame:
     """Percentile bootstrap intervals of accuracy, macro F1 and weighted F1: the N (true, pred) pairs
-    resampled with replacement. Resamples depend only on (seed, N), so models scored on the same images
-    are compared on the same resamples. Rows per metric: estimate, low, high ((1 - alpha) interval)."""
+    resampled with replacement, or with `groups` (N,) whole groups (an examination's views, i2i partners,
+    identical bytes) resampled, so images that move together are not counted as independent. Resamples
+    depend only on (seed, N) (on the groups too), so models scored on the same images are compared on the
+    same resamples; singleton groups in image order give the plain bootstrap's numbers. Rows per metric:
+    estimate, low, high ((1 - alpha) interval)."""
     y_true, y_pred = _ids(y_true, "y_true"), _ids(y_pred, "y_pred")
     if len(y_true) == 0 or len(y_true) != len(y_pred):
         raise ValueError(f"y_true and y_pred must be non-empty and equally long; got {len(y_true)} and {len(y_pred)}.")
-    idx = np.random.default_rng(seed).integers(0, len(y_true), size=(n_boot, len(y_true)))  # (B, N)
-    boot, full = batched_scores(y_true[idx], y_pred[idx]), batched_scores(y_true, y_pred[None])
+    members = _group_members(groups, len(y_true))
+    draws = np.random.default_rng(seed).integers(0, len(members), size=(n_boot, len(members)))  # (B, G)
+    if all(len(m) == 1 for m in members):
+        boot = batched_scores(y_true[draws], y_pred[draws])  # (B, N) at once
+    else:
+        rows = [batched_scores(y_true[i], y_pred[i][None]) for i in (np.concatenate(members[d]) for d in draws)]
+        boot = {m: np.concatenate([r[m] for r in rows]) for m in rows[0]}
+    full = batched_scores(y_true, y_pred[None])
     return pd.DataFrame({m: {"estimate": float(full[m][0]), "low": float(np.quantile(boot[m], alpha / 2)),
                              "high": float(np.quantile(boot[m], 1 - alpha / 2))} for m in boot}).T.rename_axis("metric")
 
 
-def comparison_table(predictions: Mapping[str, object], y_true, seed: int = 0) -> pd.DataFrame:
+def _group_members(groups, n: int) -> np.ndarray:
+    """(G,) object array of each group's image indices, groups ordered by their first image; one group per
+    image when `groups` is None."""
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} ids for {n} images: give one per image.")
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))[inverse.reshape(-1)]  # group id -> its order of first appearance
+    members = np.empty(len(first), dtype=object)
+    for g in range(len(first)):
+        members[g] = np.flatnonzero(rank == g)
+    return members
+
+
+def comparison_table(predictions: Mapping[str, object], y_true, seed: int = 0, groups=None) -> pd.DataFrame:
     """One row per model ({name: (N,) predicted ids}): accuracy, macro_f1, weighted_f1, each with its
-    bootstrap _low / _high bounds (paired: the same resamples for every model)."""
+    bootstrap _low / _high bounds (paired: the same resamples for every model; `groups` as bootstrap_ci)."""
     rows = {}
     for name, y_pred in predictions.items():
-        ci = bootstrap_ci(y_true, y_pred, seed=seed)
+        ci = bootstrap_ci(y_true, y_pred, seed=seed, groups=groups)
         rows[name] = {f"{m}{suffix}": ci.loc[m, col] for m in ci.index
                       for suffix, col in (("", "estimate"), ("_low", "low"), ("_high", "high"))}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
@@ -1272,10 +1377,9 @@ class DinoClassifier(nn.Module):
         return {t: head(feats) for t, head in self.heads.items()}
 
 
-def decode_square(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """Decode (load_rgb), take the centre square (the circular field of view is about the frame height,
-    centred) and resize bicubic -> uint8 (3, size, size): timm's eval geometry at crop_pct 1.0."""
-    im = ImageOps.fit(load_rgb(path), (size, size), method=Image.Resampling.BICUBIC)
+def decode_square(path: str | os.PathLike, size: int, resize: str = "crop") -> torch.Tensor:
+    """Decode (load_rgb) and make the square (to_square) -> uint8 (3, size, size)."""
+    im = to_square(load_rgb(path), size, resize)
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
@@ -1300,16 +1404,17 @@ class SquareImages(Dataset):
     """Images decoded once into uint8 squares held in memory (threads: PIL releases the GIL), each item
     passed through `transform`, with a horizontal flip WITH label swap (flip_label_id) at probability
     `flip_p` (0 for evaluation). Item key: an index, or (index, seed) from EpochSampler: the flip and the
-    transform's randomness then come from `seed` alone, whatever the worker count.
-    Returns (image (3, S, S) float, official label id or -1)."""
+    transform's randomness then come from `seed` alone, whatever the worker count. resize: how a frame
+    becomes its square (to_square). Returns (image (3, S, S) float, official label id or -1)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], label_ids: Sequence[int] | None,
-                 transform: Callable[[Image.Image], torch.Tensor], size: int, flip_p: float = 0.0):
+                 transform: Callable[[Image.Image], torch.Tensor], size: int, flip_p: float = 0.0,
+                 resize: str = "crop"):
         self.label_ids = [-1] * len(paths) if label_ids is None else [int(y) for y in label_ids]
         if len(self.label_ids) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(self.label_ids)} labels: pass one label id per image.")
         with ThreadPoolExecutor(min(8, cpu_count() + 2)) as pool:
-            squares = list(pool.map(lambda p: decode_square(p, size), paths))
+            squares = list(pool.map(lambda p: decode_square(p, size, resize), paths))
         self.images = torch.stack(squares) if squares else torch.empty(0, 3, size, size, dtype=torch.uint8)
         self.transform, self.flip_p = transform, flip_p
 
@@ -1400,29 +1505,34 @@ def flip_tta_probs(probs: Mapping[str, np.ndarray], probs_flipped: Mapping[str, 
 
 def _cached_dino_rows(model: nn.Module, paths: Sequence[str], rt: Runtime, content: Mapping[str, str] | None,
                       rows: Callable[[dict, dict | None], torch.Tensor], kind: str, tta_flip: bool,
-                      weights_id: str) -> torch.Tensor:
+                      weights_id: str, resize: str = "crop") -> torch.Tensor:
     """rows(outputs, mirrored outputs or None) over `paths` at the model's input size, through cached_rows
-    under rt.cache_dir/dino (identity: the weights, preprocessing, precision, TTA, kind)."""
+    under rt.cache_dir/dino (identity: the weights, preprocessing and square, precision, TTA, kind)."""
     size = dino_image_size(model)
     transform = dino_transform(model, size)
 
     def compute(todo: list) -> torch.Tensor:
-        loader = make_loader(SquareImages(todo, None, transform, size), rt.batch_size, rt.num_workers, rt.device)
+        images = SquareImages(todo, None, transform, size, resize=resize)
+        loader = make_loader(images, rt.batch_size, rt.num_workers, rt.device)
         net = data_parallel(model, rt)
         mirrored = collect_logits(net, loader, rt.device, rt.amp, flip=True)[0] if tta_flip else None
         return rows(collect_logits(net, loader, rt.device, rt.amp)[0], mirrored)
 
-    identity = f"{kind}|{weights_id or model_fingerprint(model)}|{transform_id(transform)}|{rt.amp}|tta={tta_flip}"
+    square = "" if resize == "crop" else f"|resize={resize}"  # crop: the identity caches had before pad existed
+    weights = weights_id or model_fingerprint(model)
+    identity = f"{kind}|{weights}|{transform_id(transform)}{square}|{rt.amp}|tta={tta_flip}"
     folder = None if rt.cache_dir is None else Path(rt.cache_dir) / "dino"
     return cached_rows(content_keys(paths, content), paths, compute, cache_file(folder, identity), identity)
 
 
 def predict_dino(trained: Sequence[Trained], paths: Sequence[str], rt: Runtime,
-                 content: Mapping[str, str] | None = None, tta_flip: bool = True) -> dict[str, np.ndarray]:
+                 content: Mapping[str, str] | None = None, tta_flip: bool = True,
+                 resize: str = "crop") -> dict[str, np.ndarray]:
     """Probabilities of every head of the trained models (one shared model, or the paper's four):
     {"coarse": (N, 4), "ear" / "nose" / "vc": (N,) p(second label) = p(ear-right), p(nose-right),
-    p(vc-closed)}. tta_flip averages with the mirrored image (flip_tta_probs). With rt.cache_dir, kept
-    per image content (`content` as for embed_images) and model weights: a rerun predicts only new images."""
+    p(vc-closed)}. tta_flip averages with the mirrored image (flip_tta_probs); resize: the square the
+    models were trained on (to_square). With rt.cache_dir, kept per image content (`content` as for
+    embed_images) and model weights: a rerun predicts only new images."""
     out: dict[str, np.ndarray] = {}
     for t in trained:
         def rows(logits: dict, mirrored: dict | None, tasks=t.model.tasks) -> torch.Tensor:
@@ -1430,8 +1540,8 @@ def predict_dino(trained: Sequence[Trained], paths: Sequence[str], rt: Runtime,
             probs = flip_tta_probs(probs, task_probs(mirrored)) if mirrored is not None else probs
             return torch.from_numpy(np.column_stack([probs[task] for task in tasks])).float()
 
-        table = _cached_dino_rows(t.model, paths, rt, content, rows, "dino_probs", tta_flip,
-                                  t.weights_id).reshape(len(paths), -1).numpy()
+        table = _cached_dino_rows(t.model, paths, rt, content, rows, "dino_probs", tta_flip, t.weights_id,
+                                  resize).reshape(len(paths), -1).numpy()
         column = 0
         for task in t.model.tasks:
             width = DINO_TASKS[task] if task == "coarse" else 1
@@ -1441,12 +1551,12 @@ def predict_dino(trained: Sequence[Trained], paths: Sequence[str], rt: Runtime,
 
 
 def dino_features(trained: Trained, paths: Sequence[str], rt: Runtime, content: Mapping[str, str] | None = None,
-                  tta_flip: bool = False) -> torch.Tensor:
+                  tta_flip: bool = False, resize: str = "crop") -> torch.Tensor:
     """L2-normalised backbone embeddings [N, D] (CLS after the final norm) of the fine-tuned model, for
     retrieval; tta_flip sums the mirror's embedding in (side-blind). Cached as predict_dino."""
     rows = lambda out, mirrored: F.normalize(out["features"] + (mirrored["features"] if mirrored else 0), dim=-1)
     return _cached_dino_rows(trained.model.backbone, paths, rt, content, rows, "dino_feats", tta_flip,
-                             trained.weights_id)
+                             trained.weights_id, resize)
 
 
 # =============================================================================================
