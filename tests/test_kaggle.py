@@ -54,7 +54,8 @@ def run_like_kaggle(python: Path, inputs: Path, out: Path, *params: str) -> subp
     env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PYTHONNOUSERSITE="1")
     command = [str(python), "-m", "papermill", "entrep-prototypical.ipynb", str(out / "executed.ipynb"),
                "-f", str(ROOT / "configs" / "demo.yaml"), "-p", "output_dir", str(out / "outputs"),
-               "-p", "kaggle_input", str(inputs), "-p", "internet", "off", *params, "--no-progress-bar"]
+               "-p", "kaggle_input", str(inputs), "-p", "internet", "off", "-p", "cv_folds", "1", *params,
+               "--no-progress-bar"]
     return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
 
 

@@ -132,7 +132,8 @@ def test_demo_run_writes_every_result(demo_runs):
         (q, m) for q in ("finding lines", "captions (their own image)") for m in ("biomedclip", "biomedclip tuned")}
     assert t2i["model"] in ("biomedclip", "biomedclip tuned") and "held-out finding lines" in t2i["chosen_on"]
     assert metrics["stages"]["retrieval fine-tuning"]["seconds"] > 0  # runtime.Stages: the tuning and its embedding
-    assert len(metrics["val_predictions"]["hybrid"]) == metrics["split"]["val"]
+    assert len(metrics["val_predictions"]["hybrid"]) == metrics["data"]["labelled"]  # every image, out of fold
+    assert metrics["folds"]["folds"] == 3 and "3 stratified folds" in metrics["folds"]["how"]  # the demo's
     assert metrics["data"]["retrieval_gallery"]["unlisted"] > 0
 
 
@@ -154,9 +155,9 @@ def test_saved_notebook_reads_cleanly(demo_runs):
     assert "\x1b[" not in text and "TqdmWarning" not in text and "IProgress" not in text
     cell = next(c for c in nb.cells if c.cell_type == "code" and "training.train_dino(" in c.source)
     bar = progress_texts(cell)
-    epochs = metrics["dino"]["models"]["shared"]["epochs_run"]
-    assert len(bar) == 1, f"{len(bar)} outputs for one training loop of {epochs} epochs"  # one line per loop
-    assert f"{epochs}/{epochs}" in bar[0] and "100%" in bar[0], bar[0]
+    epochs = [model["epochs_run"] for model in metrics["dino"]["models"].values()]  # one training loop per fold
+    assert len(bar) == len(epochs), f"{len(bar)} outputs for {len(epochs)} training loops"  # one line per loop
+    assert all(f"{n}/{n}" in line and "100%" in line for n, line in zip(epochs, bar)), bar
     embedding = next(c for c in nb.cells if c.cell_type == "code" and "utils.embed_images(clip" in c.source)
     assert len(progress_texts(embedding)) <= 1
     assert "PROBLEM [name-case]" not in text and "note [name-case]" in text  # a handled defect is a note
@@ -186,11 +187,11 @@ def test_a_parameter_of_the_wrong_type_stops_setup_naming_it(tmp_path):
 
 def test_rerun_reuses_caches_and_checkpoint_and_repeats_the_results(demo_runs):
     out, first, second, _, log, submissions, caches = demo_runs
-    assert all(f"dino_{name}: reusing finished run" in log for name in first["dino"]["models"])
+    assert log.count("dino_shared: reusing finished run") == len(first["dino"]["models"])  # every fold's
     assert "retrieval: reusing finished run" in log
     runs = sorted((out / "checkpoints").iterdir())  # the DINOv2 run and the retrieval run, both finished
     assert sorted(run.name.rsplit("_", 1)[0] for run in runs) == sorted(
-        ["retrieval", *(f"dino_{name}" for name in first["dino"]["models"])])
+        ["retrieval", *(f"dino_{name.split(',')[0]}" for name in first["dino"]["models"])])
     assert all(sorted(f.name for f in run.iterdir()) == FINISHED_RUN for run in runs)
     assert {Path(m["checkpoint"]) for m in second["dino"]["models"].values()} <= {run / "best.pt" for run in runs}
     assert cache_files(out) == caches  # nothing re-encoded or re-predicted
