@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO_OUT ?= outputs/demo
+DEMO_ARGS ?=  # more papermill parameters, e.g. DEMO_ARGS="-p resize pad"
 # On a shared machine, OpenMP threads that spin while they wait starve the other process's threads:
 # the demo's tiny-model epochs went from 0.7 s to 17 s next to one busy neighbour, and stay at ~1 s
 # with passive waiting, which costs the large matrix multiplies nothing (benchmarks/README.md).
@@ -22,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: install
 	mkdir -p $(DEMO_OUT)
 	$(PY) -m papermill entrep-prototypical.ipynb $(DEMO_OUT)/entrep-prototypical.ipynb \
-		-f configs/demo.yaml -p output_dir $(DEMO_OUT)
+		-f configs/demo.yaml -p output_dir $(DEMO_OUT) $(DEMO_ARGS)
 	@echo "Demo written to $(DEMO_OUT): metrics.json, figures/, submission*.zip (synthetic data)"
 
 test: install
