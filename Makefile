@@ -37,8 +37,7 @@ kaggle-wheels: install
 	rm -rf $(KAGGLE_DIST) && mkdir -p $(KAGGLE_DIST)/wheels $(KAGGLE_DIST)/configs
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d $(KAGGLE_DIST)/wheels \
 		$(foreach p,$(KAGGLE_WHEELS),"$(p)==$$($(PY) -c 'import importlib.metadata as m; print(m.version("$(p)"))')")
-	cp utils.py training.py retrieval.py plots.py preflight.py runtime.py biomedclip_offline.py demo_data.py \
-		entrep-prototypical.ipynb $(KAGGLE_DIST)/
+	cp *.py entrep-prototypical.ipynb $(KAGGLE_DIST)/  # every module: a new one is never left behind
 	cp configs/*.yaml $(KAGGLE_DIST)/configs/
 	cp kaggle/README.md kaggle/dataset-metadata.json $(KAGGLE_DIST)/
 	@echo "Wrote $(KAGGLE_DIST): attach it to the Kaggle notebook as one dataset (kaggle/README.md)"
