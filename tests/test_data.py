@@ -219,6 +219,17 @@ def test_class_folder_tree(tmp_path):
     _accounted(data, 4)
 
 
+def test_class_folders_at_the_top_of_a_relative_data_path_are_named_folders(tmp_path, monkeypatch):
+    """data_path="." with the class folders directly in it: their parent has no name, so the images' source
+    (the summary's column) is "folders", not empty."""
+    _png(tmp_path / "ear-left" / "a.png", (1, 2, 3))
+    _png(tmp_path / "throat" / "b.png", (4, 5, 6))
+    monkeypatch.chdir(tmp_path)
+    data = utils.load_entrep(".")
+    assert data.images["source"].tolist() == ["folders", "folders"]
+    assert list(data.summary().columns) == ["folders", "total"]
+
+
 def test_all_layouts_together_on_the_demo(demo_root, demo_data_set):
     data = demo_data_set
     kinds = {layout.split(":")[0] for layout in data.layouts}
@@ -840,6 +851,9 @@ def test_unknown_labels_and_labelled_images_are_accounted_by_annotation_and_role
         {"where": str(cls), "item": "b.png", "role": "labelled", "path": "", "status": "skipped",
          "reason": "unknown-label"}]
     assert data.problems[["where", "item", "kind"]].values.tolist() == [[str(cls), "b.png", "unknown-label"]]
+    assert data.problems["message"].tolist() == [
+        f"{cls}: 'b.png' has label 'nose-middle', which is not one of {list(utils.LABELS)} (case, spaces and '_' "
+        "are already forgiven). Fix the label; the image is skipped."]
 
 
 def test_header_rows_and_empty_lists_are_reported_against_their_file(tmp_path):
