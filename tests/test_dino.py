@@ -428,6 +428,15 @@ def test_dino_transform_takes_mean_and_std_from_the_model_and_never_flips():
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([(1 - 0.1) / 0.4, -0.2 / 0.5, -0.3 / 0.6]))
 
 
+def test_dino_data_config_is_timms_config_of_the_backbone_at_the_image_size():
+    """What the training transform is built from: timm's config of the backbone (the same for the classifier
+    around it) for 3-channel images of image_size."""
+    model = _tiny()
+    expected = timm.data.resolve_model_data_config(model.backbone, args={"input_size": (3, 56, 56)})
+    assert utils.dino_data_config(model, 56) == utils.dino_data_config(model.backbone, 56) == expected
+    assert expected["input_size"] == (3, 56, 56)
+
+
 # ---- inference ------------------------------------------------------------------------------
 
 def _trained(tasks=tuple(DINO_TASKS), weights_id="ckpt-a") -> Trained:
@@ -646,6 +655,14 @@ def test_trained_dino_summary_reports_the_first_best_epoch_of_its_history():
                                  "finished": True}
     stopped = Trained(_tiny(("coarse",)), Path("runs") / "dino-1" / "last.pt", history.iloc[:2], "id", finished=False)
     assert stopped.summary()["finished"] is False and stopped.summary()["epochs_run"] == 2
+
+
+def test_summary_of_a_tuned_model_without_heads_or_validation_score_has_neither():
+    """The tuned BiomedCLIP (train_retrieval): no `tasks`, a history without val_score."""
+    history = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5]})
+    tuned = Trained(torch.nn.Linear(2, 2), Path("runs") / "clip-1" / "best.pt", history, "id")
+    assert tuned.summary() == {"epochs_run": 2, "checkpoint": str(Path("runs") / "clip-1" / "best.pt"),
+                               "finished": True}
 
 
 # ---- plots ----------------------------------------------------------------------------------
