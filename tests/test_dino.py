@@ -287,6 +287,17 @@ def test_inference_over_no_images_gives_empty_outputs():
     assert outputs == {} and labels.dtype == torch.long and labels.shape == (0,)
 
 
+def test_loaders_pin_memory_only_for_a_gpu_and_keep_any_workers_across_epochs():
+    """make_loader's two settings (speed only, so no prediction shows them): pinned memory for cuda
+    batches, persistent workers whenever there are workers, even one; other keywords pass through."""
+    ds = torch.utils.data.TensorDataset(torch.arange(6))
+    gpu = utils.make_loader(ds, 2, 2, torch.device("cuda"), shuffle=False)  # built only: no cuda needed
+    one, none = utils.make_loader(ds, 3, 1, CPU), utils.make_loader(ds, 3, 0, CPU, drop_last=True)
+    assert (gpu.pin_memory, gpu.persistent_workers, gpu.batch_size, gpu.num_workers) == (True, True, 2, 2)
+    assert (one.pin_memory, one.persistent_workers, one.num_workers) == (False, True, 1)
+    assert (none.pin_memory, none.persistent_workers, none.drop_last) == (False, False, True)
+
+
 def test_inference_stays_on_the_device_of_its_inputs():
     """On a GPU the model lives on cuda: each batch must be moved there. PyTorch's meta device (shapes
     without data) stands in for a second device on a CPU. (The training targets: test_training.py.)"""
