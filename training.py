@@ -33,6 +33,7 @@ import timm.data
 import timm.optim
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -44,7 +45,7 @@ from runtime import progress as progress_bar
 from utils import (COARSE_TO_ID, DINO_TASKS, FINE_DECISION_THRESHOLD, FINE_TASKS, LABEL_ID_TO_COARSE_ID, LABEL_TO_ID,
                    LABELS, MIXES, RETRIEVAL_TUNINGS, Clip, DinoClassifier, PadToSquare, SquareImages, Trained,
                    coarse_of, collect_logits, dino_data_config, dino_image_size, dino_transform, file_sha1,
-                   finding_key, make_loader, model_fingerprint, region_then_fine, task_probs)
+                   finding_key, make_loader, model_fingerprint, region_then_fine, seeded_rng, task_probs)
 
 # =============================================================================================
 # 1. The harness: one resumable, content-keyed epoch runner
@@ -636,12 +637,16 @@ def multi_positive_nce(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tenso
 
 
 class TwoViews(SquareImages):
-    """SquareImages (flip_p = the mirror probability) giving two augmented views of each image:
-    key (index, seed) -> (view, view, index, seed)."""
+    """SquareImages giving two augmented views of each image: key (index, seed) -> (view, view, index, seed).
+    The first view is never mirrored: the text term pairs it with lines and prompts that name a side ("left
+    ear"). The second is mirrored at flip_p (RetrievalConfig.mirror_p): for image-to-image, a mirrored view
+    shows the same site. The first view's augmentation depends on (index, seed) only, never on flip_p."""
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         index, seed = key
-        return super().__getitem__((index, seed))[0], super().__getitem__((index, seed + 1))[0], index, seed
+        with seeded_rng(seed):
+            first = self.transform(Image.fromarray(self.images[index].permute(1, 2, 0).numpy()))
+        return first, super().__getitem__((index, seed + 1))[0], index, seed
 
 
 def _tower_blocks(model: nn.Module, n: int) -> list[str]:
@@ -672,29 +677,30 @@ def make_tunable(model: nn.Module, cfg: RetrievalConfig) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def retrieval_loss(model: nn.Module, tokenizer: Callable, views: tuple[torch.Tensor, torch.Tensor],
-                   groups: torch.Tensor, chosen: Sequence[str | None], carried: Sequence[Sequence[str]],
-                   temperature: float) -> torch.Tensor:
-    """One batch's loss (RetrievalConfig) through model.encode_image / encode_text: image -> image over the
-    two views of B images, positives = the other views of the same group; then text <-> image over the
-    distinct finding lines chosen for the batch (`chosen`: one per image, or None), an image positive for
-    every line it carries (`carried`)."""
+def retrieval_terms(model: nn.Module, tokenizer: Callable, views: tuple[torch.Tensor, torch.Tensor],
+                    groups: torch.Tensor, chosen: Sequence[str | None], carried: Sequence[Sequence[str]],
+                    temperature: float) -> dict[str, torch.Tensor]:
+    """One batch's two loss terms (RetrievalConfig) through model.encode_image / encode_text; their sum is the
+    loss. "image": image -> image over the two views of B images, positives = the other views of the same group.
+    "text": text <-> image between the FIRST views (TwoViews never mirrors them: a mirrored right ear must
+    not learn "left ear") and the distinct finding lines chosen for the batch (`chosen`: one per image, or
+    None), an image positive for every line it carries (`carried`); 0 when no line is chosen."""
     first, second = views
     device = groups.device
     images = F.normalize(model.encode_image(torch.cat([first, second])).float(), dim=-1)  # (2B, D)
     g = groups.repeat(2)
     eye = torch.eye(len(g), dtype=torch.bool, device=device)
     sim = (images @ images.T / temperature).masked_fill(eye, float("-inf"))
-    loss = multi_positive_nce(sim, (g[:, None] == g[None, :]) & ~eye)
+    terms = {"image": multi_positive_nce(sim, (g[:, None] == g[None, :]) & ~eye), "text": images.new_zeros(())}
     spelling = {finding_key(t): t for t in chosen if t}  # one query per key (its last spelling), in first-seen order
     if spelling:
         keys = list(spelling)
         text = F.normalize(model.encode_text(tokenizer([spelling[k] for k in keys]).to(device)).float(), dim=-1)
         carried_keys = [{finding_key(t) for t in mine} for mine in carried]
         carries = torch.tensor([[k in mine for mine in carried_keys] for k in keys], device=device)
-        sim_t = text @ images[:len(first)].T / temperature  # (K, B)
-        loss = loss + multi_positive_nce(sim_t, carries) + multi_positive_nce(sim_t.T, carries.T)
-    return loss
+        sim_t = text @ images[:len(first)].T / temperature  # (K, B): the unmirrored first views only
+        terms["text"] = multi_positive_nce(sim_t, carries) + multi_positive_nce(sim_t.T, carries.T)
+    return terms
 
 
 class RetrievalTraining(Recipe):
@@ -740,13 +746,18 @@ class RetrievalTraining(Recipe):
         return SimpleNamespace(encode_image=data_parallel(self.model, self.rt, "encode_image"),
                                encode_text=data_parallel(self.model, self.rt, "encode_text"))
 
-    def loss(self, net: nn.Module, batch) -> torch.Tensor:
+    def terms(self, batch) -> dict[str, torch.Tensor]:
+        """retrieval_terms of one batch from loader(): each image's line for this sample seed."""
         first, second, index, seed = batch
         device, texts = self.rt.device, self.texts
         chosen = [texts[i][s % len(texts[i])] if texts[i] else None for i, s in zip(index.tolist(), seed.tolist())]
-        return retrieval_loss(self.encoders, self.clip.tokenizer, (first.to(device), second.to(device)),
-                              self.groups[index].to(device), chosen, [texts[i] for i in index.tolist()],
-                              self.cfg.temperature)
+        return retrieval_terms(self.encoders, self.clip.tokenizer, (first.to(device), second.to(device)),
+                               self.groups[index].to(device), chosen, [texts[i] for i in index.tolist()],
+                               self.cfg.temperature)
+
+    def loss(self, net: nn.Module, batch) -> torch.Tensor:
+        terms = self.terms(batch)
+        return terms["image"] + terms["text"]
 
 
 def _steps(transform: Callable) -> list[Callable]:

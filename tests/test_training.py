@@ -1,7 +1,7 @@
 """training.py: the harness (epoch sampling, schedule, the one training augmentation, fit's run folders,
 reuse, resume, gradient accumulation and clipping), DINOv2 fine-tuning (losses, class weights, parameter
 groups, validation score, train_dino) and the contrastive fine-tuning of BiomedCLIP (multi-positive
-InfoNCE, retrieval_loss, TwoViews, make_tunable, train_retrieval). CPU only, no downloads: a toy linear
+InfoNCE, retrieval_terms and the side rule, TwoViews, make_tunable, train_retrieval). CPU only, no downloads: a toy linear
 recipe, the tiny random ViT (build_dino("tiny")), the tiny CLIP, a BiomedCLIP-shaped model built offline,
 56x42 and 72x72 PNGs."""
 
@@ -991,7 +991,7 @@ def test_a_line_carried_by_two_images_is_a_positive_for_both():
     assert (sim.grad[0, :2] < 0).all() and (sim.grad[0, 2:] > 0).all()  # descent raises both positives
 
 
-# ---- retrieval_loss ---------------------------------------------------------------------------
+# ---- retrieval_terms --------------------------------------------------------------------------
 
 class StubCLIP(nn.Module):
     """encode_image: a linear map of the flattened pixels; encode_text: a row of a fixed table per token id."""
@@ -1031,12 +1031,13 @@ def stub_batch():
     return model, tokenizer, first, second, groups
 
 
-def test_retrieval_loss_matches_a_hand_computation_with_multi_positive_nce():
+def test_retrieval_terms_match_a_hand_computation_with_multi_positive_nce():
     model, tokenizer, first, second, groups = stub_batch()
     temperature = 0.1
     chosen = ["A polyp.", "mucus", None, "a  POLYP"]  # two spellings of one line, one image without a line
     carried = [["A polyp."], ["Mucus;"], ["a polyp", "other"], ["a polyp", "mucus"]]
-    loss = training.retrieval_loss(model, tokenizer, (first, second), groups, chosen, carried, temperature)
+    terms = training.retrieval_terms(model, tokenizer, (first, second), groups, chosen, carried, temperature)
+    loss = terms["image"] + terms["text"]
 
     views = F.normalize(torch.cat([first, second]).flatten(1) @ model.proj, dim=-1)  # rows 0-3 view 1, 4-7 view 2
     sim = views @ views.T / temperature
@@ -1048,18 +1049,19 @@ def test_retrieval_loss_matches_a_hand_computation_with_multi_positive_nce():
     text = F.normalize(model.words[[0, 1]], dim=-1)  # the batch's distinct lines: "a polyp", "mucus"
     sim_t = text @ views[:4].T / temperature
     carries = torch.tensor([[True, False, True, True], [False, True, False, True]])  # finding_key comparison
-    expected = (multi_positive_nce(sim, pos) + multi_positive_nce(sim_t, carries)
-                + multi_positive_nce(sim_t.T, carries.T))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["image"].item() == pytest.approx(multi_positive_nce(sim, pos).item(), rel=1e-5)
+    expected = multi_positive_nce(sim_t, carries) + multi_positive_nce(sim_t.T, carries.T)
+    assert terms["text"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert [finding_key(t) for t in tokenizer.seen[0]] == ["a polyp", "mucus"]  # each line embedded once
     loss.backward()
     assert model.proj.grad.abs().sum() > 0 and model.words.grad[:2].abs().sum() > 0
 
 
-def test_retrieval_loss_image_term_never_takes_a_view_as_its_own_positive_and_uses_groups():
+def test_retrieval_image_term_never_takes_a_view_as_its_own_positive_and_uses_groups():
     model, tokenizer, first, second, groups = stub_batch()
-    loss = training.retrieval_loss(model, tokenizer, (first, second), groups, [None] * 4, [[]] * 4, 0.1)
-    assert model.text_calls == 0 and tokenizer.seen == []  # no chosen line: no text term
+    terms = training.retrieval_terms(model, tokenizer, (first, second), groups, [None] * 4, [[]] * 4, 0.1)
+    assert model.text_calls == 0 and tokenizer.seen == [] and terms["text"].item() == 0  # no chosen line: no text term
+    loss = terms["image"]
     views = F.normalize(torch.cat([first, second]).flatten(1) @ model.proj, dim=-1)
     sim = views @ views.T / 0.1
     g = groups.repeat(2)
@@ -1071,8 +1073,8 @@ def test_retrieval_loss_image_term_never_takes_a_view_as_its_own_positive_and_us
     pairs_only = multi_positive_nce(sim.masked_fill(eye, NEG_INF), torch.eye(8, dtype=torch.bool).roll(4, 1))
     assert abs(loss.item() - with_self.item()) > 1e-3 and abs(loss.item() - pairs_only.item()) > 1e-3
     # identical views of images in separate groups: each view's only positive is its own other view
-    same = training.retrieval_loss(model, tokenizer, (first, first.clone()), torch.arange(4), [None] * 4,
-                                   [[]] * 4, 0.1)
+    same = training.retrieval_terms(model, tokenizer, (first, first.clone()), torch.arange(4), [None] * 4,
+                                    [[]] * 4, 0.1)["image"]
     v = F.normalize(first.flatten(1) @ model.proj, dim=-1)
     s = (torch.cat([v, v]) @ torch.cat([v, v]).T / 0.1).masked_fill(eye, NEG_INF)
     assert same.item() == pytest.approx(multi_positive_nce(s, eye.roll(4, 1)).item(), rel=1e-5)
@@ -1094,7 +1096,7 @@ def asymmetric_images(tmp_path_factory) -> list[Path]:
     return paths
 
 
-def test_two_views_mirror_every_view_at_mirror_one_and_never_at_zero(asymmetric_images):
+def test_two_views_mirror_the_second_view_at_mirror_one_and_never_the_first(asymmetric_images):
     identity = T.Compose([T.PILToTensor()])  # deterministic: views are the (mirrored) cached squares
     mirrored = TwoViews(asymmetric_images, None, identity, 16, 1.0)
     plain = TwoViews(asymmetric_images, None, identity, 16, 0.0)
@@ -1104,7 +1106,7 @@ def test_two_views_mirror_every_view_at_mirror_one_and_never_at_zero(asymmetric_
         for seed in (0, 11, 2**40):
             v1, v2, i, s = mirrored[(index, seed)]
             assert (i, s) == (index, seed)
-            assert torch.equal(v1, square.flip(-1)) and torch.equal(v2, square.flip(-1))
+            assert torch.equal(v1, square) and torch.equal(v2, square.flip(-1))  # the first: never mirrored
             p1, p2, i, s = plain[(index, seed)]
             assert (i, s) == (index, seed)
             assert torch.equal(p1, square) and torch.equal(p2, square)
@@ -1120,7 +1122,7 @@ def test_two_views_come_from_the_key_reproducibly_and_are_drawn_independently(as
         again = half[(0, seed)]
         assert torch.equal(v1, again[0]) and torch.equal(v2, again[1])
         kinds.add((torch.equal(v1, square.flip(-1)), torch.equal(v2, square.flip(-1))))
-    assert kinds == {(False, False), (False, True), (True, False), (True, True)}  # each view mirrored on its own
+    assert kinds == {(False, False), (False, True)}  # the second view mirrored half the time, the first never
     crop = T.Compose([T.RandomResizedCrop(12, scale=(0.3, 1.0)), T.PILToTensor()])
     augmented = TwoViews(asymmetric_images, None, crop, 16, 0.0)
     a1, a2, _, _ = augmented[(1, 123)]
@@ -1267,9 +1269,10 @@ def fixed_loss(model: nn.Module, frame: pd.DataFrame, clip: utils.Clip) -> float
     as the two views, each image's first line chosen."""
     x = torch.stack([clip.preprocess(Image.open(p).convert("RGB")) for p in frame["path"]])
     with torch.no_grad():
-        return training.retrieval_loss(model.eval(), clip.tokenizer, (x, x.flip(-1)),
-                                       torch.tensor(frame["group"].to_numpy()), [t[0] for t in frame["texts"]],
-                                       list(frame["texts"]), 0.1).item()
+        terms = training.retrieval_terms(model.eval(), clip.tokenizer, (x, x.flip(-1)),
+                                         torch.tensor(frame["group"].to_numpy()), [t[0] for t in frame["texts"]],
+                                         list(frame["texts"]), 0.1)
+        return sum(terms.values()).item()
 
 
 def trainable_state(tuned) -> dict[str, torch.Tensor]:
@@ -1328,7 +1331,7 @@ def test_train_retrieval_reuses_a_finished_run(tiny_clip, train_frame, trained, 
 
 def test_train_retrieval_resumed_run_ends_with_the_uninterrupted_weights(tiny_clip, train_frame, trained, tmp_path,
                                                                           monkeypatch, capsys):
-    real, calls = training.retrieval_loss, []
+    real, calls = training.retrieval_terms, []
 
     def interrupt_in_epoch_two(*args, **kwargs):
         calls.append(1)
@@ -1336,10 +1339,10 @@ def test_train_retrieval_resumed_run_ends_with_the_uninterrupted_weights(tiny_cl
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "retrieval_loss", interrupt_in_epoch_two)
+    monkeypatch.setattr(training, "retrieval_terms", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train_retrieval(tiny_clip, train_frame, FAST, _runtime(tmp_path))
-    monkeypatch.setattr(training, "retrieval_loss", real)
+    monkeypatch.setattr(training, "retrieval_terms", real)
     capsys.readouterr()
     resumed = train_retrieval(tiny_clip, train_frame, FAST, _runtime(tmp_path))
     assert "after epoch 1/4" in capsys.readouterr().out  # the interrupted run's epoch 1 is kept
@@ -1359,7 +1362,7 @@ def test_train_retrieval_run_identity_follows_image_content_and_config(tiny_clip
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "retrieval_loss", stop)  # no need to train: a run's folder is made first
+    monkeypatch.setattr(training, "retrieval_terms", stop)  # no need to train: a run's folder is made first
 
     def run_folder(frame: pd.DataFrame, cfg: RetrievalConfig, where: str) -> str:
         with pytest.raises(KeyboardInterrupt):
@@ -1415,3 +1418,24 @@ def test_fp16_tuning_steps_the_schedule_only_with_the_optimizer(tiny_clip, train
     assert np.isfinite(tuned.history["train_loss"]).all()
     state = made[0].state_dict()
     assert state["scaler"] and state["scheduler"]["last_epoch"] <= 2 * math.ceil(len(train_frame) / FAST.batch_size)
+
+
+def test_side_rule_the_text_term_is_the_same_whatever_mirror_p_and_the_image_term_keeps_its_mirrors(
+        tiny_clip, train_frame):
+    """Lines that name a side ("... on the left") meet the never-mirrored first view: for the same batch and
+    seed, the recipe's text term at mirror_p=1 equals its value at mirror_p=0, while the image-to-image term
+    sees mirrored second views. Fed the mirrored views, the text term would change: the rule has teeth."""
+    side = lambda corner: "left" if corner % 2 == 0 else "right"  # the square's side in the image (draw)
+    sided = train_frame.assign(texts=[[f"a {WORDS[g % 6]} square on the {side(g // 6 * 2 + g % 2)}"]
+                                      for g in train_frame["group"]])
+    recipes = {p: training.RetrievalTraining(tiny_clip, sided, replace(FAST, mirror_p=p), _runtime())
+               for p in (0.0, 1.0)}
+    keys = [(i, 1000 + 7 * i) for i in range(0, 24, 3)]  # one batch, both sides named
+    batch = {p: torch.utils.data.default_collate([r.loader().dataset[k] for k in keys]) for p, r in recipes.items()}
+    assert torch.equal(batch[0.0][0], batch[1.0][0]) and not torch.equal(batch[0.0][1], batch[1.0][1])
+    with torch.no_grad():
+        terms = {p: r.terms(batch[p]) for p, r in recipes.items()}
+        swapped = {p: r.terms((batch[p][1], batch[p][0], *batch[p][2:])) for p, r in recipes.items()}
+    assert terms[1.0]["text"].item() == terms[0.0]["text"].item() > 0
+    assert abs(terms[1.0]["image"].item() - terms[0.0]["image"].item()) > 1e-4  # the mirrors stay in that term
+    assert abs(swapped[1.0]["text"].item() - swapped[0.0]["text"].item()) > 1e-4
