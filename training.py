@@ -611,9 +611,10 @@ class RetrievalConfig(TrainConfig):
     projections; "lora" trains LoRA adapters of rank `lora_rank` (peft) on those blocks' linear layers;
     "off" trains nothing. The loss is multi-positive InfoNCE at `temperature`: text -> image and
     image -> text over the batch's finding lines (a line is positive for every image carrying it, never a
-    negative), and image -> image over two augmented views per image (TRAIN_AUGMENT; either view mirrored
-    at mirror_p: a mirrored view shows the same site, though another class), whose positives are the
-    views of its group (i2i partners, one examination's images). AdamW at lr; a fixed number of epochs, no
+    negative), and image -> image over two augmented views per image (TRAIN_AUGMENT; the second mirrored at
+    mirror_p: a mirrored view shows the same site, though another class), whose positives are the views of
+    its group (i2i partners, one examination's images). The text terms see only the first view, never
+    mirrored, because lines and prompts name sides (TwoViews). AdamW at lr; a fixed number of epochs, no
     epoch chosen on held-out data (it stays untouched for the evaluation)."""
 
     tuning: str = "tail"
