@@ -22,26 +22,42 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
 from utils import FINE_TASKS, LABEL_TO_COARSE, LABELS
 
-DEMO_VERSION = 4  # bump when make_demo_dataset changes, so a cached demo set is rebuilt
+DEMO_VERSION = 5  # bump when make_demo_dataset changes, so a cached demo set is rebuilt
 DEMO_NOTICE = ("SYNTHETIC DEMO DATA made by demo_data.make_demo_dataset: drawn shapes, not endoscopy. "
                "No real ENTRep image or annotation is in it; numbers on it say nothing about the method.")
 
-# Visible findings drawn per region, with the short English caption and a Vietnamese gloss used in
-# the synthetic public-release descriptions (wording modelled on ENTREP.md's caption examples).
-DEMO_FINDINGS: dict[str, dict[str, tuple[str, str]]] = {
-    "ear": {"perforation": ("a perforated tympanic membrane", "Thủng màng nhĩ"),
-            "intact": ("the tympanic membrane is intact", "Màng nhĩ nguyên vẹn"),
-            "wax": ("wax in the ear canal", "Ráy tai trong ống tai")},
-    "nose": {"spur": ("a spur on the septum", "Gai vách ngăn"),
-             "polyp": ("a polyp in the middle meatus", "Polyp khe giữa"),
-             "mucus": ("mucus in the nasal cavity", "Dịch nhầy trong hốc mũi")},
-    "vc": {"open": ("the vocal cords are open", "Dây thanh mở"),
-           "closed": ("incomplete glottic closure", "Thanh môn đóng không kín"),
-           "nodule": ("a nodule on the vocal fold", "Hạt xơ dây thanh"),
-           "red": ("red swollen vocal folds", "Dây thanh phù nề, sung huyết")},
-    "throat": {"tonsils": ("enlarged tonsils", "Amidan quá phát"),
-               "patches": ("white patches on the tonsils", "Mảng trắng trên amidan"),
-               "normal": ("a normal oropharynx", "Họng bình thường")},
+# Visible findings drawn per region: English phrasings, and a Vietnamese gloss for the synthetic public-release
+# descriptions (wording modelled on ENTREP.md's caption examples). A phrasing may name the side the image shows
+# ({side}, ear and nose) and the drawn size of the finding ({size}: "small ", "large " or nothing), so that, as in
+# the real release, many finding lines are rare and some are carried by held-out images only.
+DEMO_FINDINGS: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+    "ear": {"perforation": (("a {size}perforated tympanic membrane", "a {size}perforation of the {side} eardrum",
+                             "{side} tympanic membrane with a {size}perforation", "{size}eardrum perforation, {side}"),
+                            "Thủng màng nhĩ"),
+            "intact": (("the tympanic membrane is intact", "an intact {side} eardrum", "{side} eardrum intact",
+                        "normal {side} tympanic membrane"), "Màng nhĩ nguyên vẹn"),
+            "wax": (("{size}wax in the ear canal", "{size}wax in the {side} ear canal",
+                     "{size}cerumen in the {side} ear", "{side} ear canal with {size}wax"), "Ráy tai trong ống tai")},
+    "nose": {"spur": (("a {size}spur on the septum", "a {size}septal spur on the {side}", "{side} {size}septal spur",
+                       "{size}bony spur of the {side} septum"), "Gai vách ngăn"),
+             "polyp": (("a {size}polyp in the middle meatus", "a {size}polyp in the {side} middle meatus",
+                        "{side} {size}nasal polyp", "{size}polyp, {side} nasal cavity"), "Polyp khe giữa"),
+             "mucus": (("{size}mucus in the nasal cavity", "{size}mucus in the {side} nasal cavity",
+                        "{size}discharge in the {side} nose", "{side} nasal cavity with {size}mucus"),
+                       "Dịch nhầy trong hốc mũi")},
+    "vc": {"open": (("the vocal cords are open", "an open glottis", "vocal folds abducted"), "Dây thanh mở"),
+           "closed": (("incomplete glottic closure", "the glottis is closed", "vocal folds adducted"),
+                      "Thanh môn đóng không kín"),
+           "nodule": (("a {size}nodule on the vocal fold", "a {size}vocal fold nodule", "{size}nodule of the cord"),
+                      "Hạt xơ dây thanh"),
+           "red": (("red swollen vocal folds", "reddened vocal cords", "inflamed vocal folds"),
+                   "Dây thanh phù nề, sung huyết")},
+    "throat": {"tonsils": (("{size}enlarged tonsils", "{size}tonsillar hypertrophy", "{size}swollen tonsils"),
+                           "Amidan quá phát"),
+               "patches": (("{size}white patches on the tonsils", "{size}white spots on the tonsils",
+                            "tonsils with {size}exudate"), "Mảng trắng trên amidan"),
+               "normal": (("a normal oropharynx", "the throat looks normal", "unremarkable oropharynx"),
+                          "Họng bình thường")},
 }
 
 # Class proportions of the real train release (cls.json counts, ENTREP.md).
@@ -69,18 +85,21 @@ def demo_exam(region: str, rng: np.random.Generator) -> dict:
         "vc": lambda: {"nodule": rng.random() < 0.3, "red": rng.random() < 0.3},
         "throat": lambda: {"tonsils": rng.random() < 0.5, "patches": rng.random() < 0.3},
     }[region]()
-    return {"region": region, "findings": f, "tint": rng.uniform(0.8, 1.15, 3).tolist(),
-            "texture_seed": int(rng.integers(2**31)), "anatomy": rng.uniform(-1, 1, 6).tolist()}
+    return {"region": region, "findings": f, "size": float(rng.uniform(0.7, 1.3)),  # the findings' drawn size
+            "tint": rng.uniform(0.8, 1.15, 3).tolist(), "texture_seed": int(rng.integers(2**31)),
+            "anatomy": rng.uniform(-1, 1, 6).tolist()}
 
 
 def demo_view(exam: dict, label: str, rng: np.random.Generator) -> dict:
-    """One view of an examination: label (side/state), pose, blur, noise and glare of this shot."""
+    """One view of an examination: label (side/state), pose, blur, noise and glare of this shot, and how its
+    findings are worded."""
     assert LABEL_TO_COARSE[label] == exam["region"], (label, exam["region"])
     return {**exam, "label": label, "angle": float(rng.uniform(-25, 25)), "scale": float(rng.uniform(0.85, 1.15)),
             "shift": rng.uniform(-30, 30, 2).tolist(), "blur": float(rng.uniform(0, 2.2)),
             "noise": float(rng.uniform(2, 10)), "noise_seed": int(rng.integers(2**31)),
             "glare": rng.uniform(0, 1, (int(rng.integers(0, 4)), 3)).tolist(),
-            "gap": float(rng.uniform(0.55, 1.0) if label == "vc-open" else rng.uniform(0.0, 0.12))}
+            "gap": float(rng.uniform(0.55, 1.0) if label == "vc-open" else rng.uniform(0.0, 0.12)),
+            "phrasing": int(rng.integers(2**31))}
 
 
 def render_demo_image(view: dict) -> Image.Image:
@@ -129,7 +148,7 @@ def _fov_mask(w: int, h: int) -> np.ndarray:
 
 def _draw_ear(d: ImageDraw.ImageDraw, v: dict, a: np.ndarray, tint: np.ndarray) -> None:
     """Ear canal and tympanic membrane of a right ear: malleus handle up-left, light cone to 5 o'clock."""
-    cx, cy = 320 + 15 * a[0], 240 + 10 * a[1]
+    cx, cy, z = 320 + 15 * a[0], 240 + 10 * a[1], v["size"]
     rx, ry = 150 + 15 * a[2], 125 + 12 * a[3]
     d.ellipse((cx - rx - 30, cy - ry - 30, cx + rx + 30, cy + ry + 30), fill=_tinted((120, 70, 60), tint))
     d.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=_tinted((190, 175, 165), tint))
@@ -138,26 +157,27 @@ def _draw_ear(d: ImageDraw.ImageDraw, v: dict, a: np.ndarray, tint: np.ndarray) 
               fill=(245, 245, 235))  # cone of light, anterior-inferior
     if v["findings"]["perforation"]:
         px, py = cx - rx * 0.35 + 20 * a[4], cy + ry * 0.3
-        d.ellipse((px - 38, py - 30, px + 38, py + 30), fill=(40, 10, 10))
+        d.ellipse((px - 38 * z, py - 30 * z, px + 38 * z, py + 30 * z), fill=(40, 10, 10))
     if v["findings"]["wax"]:
         for k in range(3):
             wx, wy = cx + (rx + 10) * np.cos(2.0 + k * 0.7 + a[5]), cy + (ry + 10) * np.sin(2.0 + k * 0.7 + a[5])
-            d.ellipse((wx - 25, wy - 18, wx + 25, wy + 18), fill=(120, 80, 20))
+            d.ellipse((wx - 25 * z, wy - 18 * z, wx + 25 * z, wy + 18 * z), fill=(120, 80, 20))
 
 
 def _draw_nose(d: ImageDraw.ImageDraw, v: dict, a: np.ndarray, tint: np.ndarray) -> None:
     """Right nasal cavity: septum wall on the image's left, turbinates on the right, dark airway between."""
-    sx = 230 + 20 * a[0]
+    sx, z = 230 + 20 * a[0], v["size"]
     d.polygon([(0, 0), (sx, 0), (sx - 30, 480), (0, 480)], fill=_tinted((215, 140, 135), tint))  # septum
     d.polygon([(sx, 40), (sx + 110, 30), (sx + 70, 460), (sx - 25, 470)], fill=(35, 12, 12))  # airway
     d.ellipse((sx + 80, 210 + 20 * a[1], 660, 470), fill=_tinted((200, 105, 105), tint))  # inferior turbinate
     d.ellipse((sx + 110, 20, 620, 190 + 15 * a[2]), fill=_tinted((190, 100, 100), tint))  # middle turbinate
     if v["findings"]["spur"]:
-        d.polygon([(sx - 20, 230), (sx + 60 + 10 * a[3], 265), (sx - 25, 300)], fill=_tinted((240, 175, 165), tint))
+        d.polygon([(sx - 20, 265 - 35 * z), (sx + (60 + 10 * a[3]) * z, 265), (sx - 25, 265 + 35 * z)],
+                  fill=_tinted((240, 175, 165), tint))
     if v["findings"]["polyp"]:
-        d.ellipse((sx + 70, 150, sx + 150, 240), fill=(205, 200, 185))
+        d.ellipse((sx + 110 - 40 * z, 195 - 45 * z, sx + 110 + 40 * z, 195 + 45 * z), fill=(205, 200, 185))
     if v["findings"]["mucus"]:
-        d.line((sx + 20, 80, sx + 40 + 20 * a[4], 420), fill=(230, 225, 150), width=9)
+        d.line((sx + 20, 80, sx + 40 + 20 * a[4], 420), fill=(230, 225, 150), width=round(9 * z))
 
 
 def _draw_vc(d: ImageDraw.ImageDraw, v: dict, a: np.ndarray, tint: np.ndarray) -> None:
@@ -176,7 +196,8 @@ def _draw_vc(d: ImageDraw.ImageDraw, v: dict, a: np.ndarray, tint: np.ndarray) -
     if v["findings"]["nodule"]:
         t = 0.45 + 0.1 * a[3]
         nx, ny = cx - (gap + 10) * t, top + (bottom - top) * t
-        d.ellipse((nx - 12, ny - 10, nx + 6, ny + 10), fill=(255, 255, 250))
+        z = v["size"]
+        d.ellipse((nx - 12 * z, ny - 10 * z, nx + 6 * z, ny + 10 * z), fill=(255, 255, 250))
 
 
 def _draw_throat(d: ImageDraw.ImageDraw, v: dict, a: np.ndarray, tint: np.ndarray) -> None:
@@ -184,12 +205,13 @@ def _draw_throat(d: ImageDraw.ImageDraw, v: dict, a: np.ndarray, tint: np.ndarra
     cx = 320 + 10 * a[0]
     d.ellipse((cx - 120, 120, cx + 120, 380), fill=(60, 15, 15))  # pharynx
     d.rounded_rectangle((cx - 22, 40, cx + 22, 210 + 20 * a[1]), radius=20, fill=_tinted((215, 100, 95), tint))
-    r = 70 if v["findings"]["tonsils"] else 40
+    z = v["size"]
+    r = 70 * z if v["findings"]["tonsils"] else 40
     for side in (-1, 1):
         tx = cx + side * (150 - r * 0.4)
         d.ellipse((tx - r, 240 - r, tx + r, 240 + r), fill=_tinted((220, 90, 85), tint))
         if v["findings"]["patches"]:
-            d.ellipse((tx - 15, 225, tx + 12, 250), fill=(245, 245, 225))
+            d.ellipse((tx - 15 * z, 237 - 12 * z, tx + 12 * z, 237 + 12 * z), fill=(245, 245, 225))
     d.ellipse((cx - 260, 360 + 15 * a[2], cx + 260, 640), fill=_tinted((225, 125, 120), tint))  # tongue
 
 
@@ -197,8 +219,9 @@ def _tinted(rgb: tuple[int, int, int], tint: np.ndarray) -> tuple[int, int, int]
     return tuple(int(min(255, c * t)) for c, t in zip(rgb, tint))
 
 
-def demo_caption(view: dict) -> tuple[str, str]:
-    """(English, Vietnamese) finding that matches what the view shows."""
+def demo_findings(view: dict) -> list[tuple[str, str]]:
+    """(English, Vietnamese) finding lines that match what the view shows, one per finding, each worded by one of
+    its phrasings (drawn from the view's "phrasing" seed): the side the image shows, the drawn size."""
     region, f = view["region"], view["findings"]
     if region == "ear":
         keys = ["perforation" if f["perforation"] else "intact"] + (["wax"] if f["wax"] else [])
@@ -208,8 +231,19 @@ def demo_caption(view: dict) -> tuple[str, str]:
         keys = [k for k in ("nodule", "red") if f[k]] + ["open" if view["label"] == "vc-open" else "closed"]
     else:
         keys = [k for k in ("tonsils", "patches") if f[k]] or ["normal"]
-    en, vi = zip(*(DEMO_FINDINGS[region][k] for k in keys[:2]))
-    return " and ".join(en), ", ".join(vi)
+    rng = np.random.default_rng(view["phrasing"])
+    size = "small " if view["size"] < 0.85 else "large " if view["size"] > 1.15 else ""
+    side = view["label"].rsplit("-", 1)[-1]  # left / right for ear and nose
+    lines = []
+    for k in keys:
+        phrasings, vi = DEMO_FINDINGS[region][k]
+        lines.append((phrasings[rng.integers(len(phrasings))].format(side=side, size=size), vi))
+    return lines
+
+
+def demo_caption(view: dict) -> str:
+    """A t2i caption of the view: its first finding line (1-8 words, as the real captions)."""
+    return demo_findings(view)[0][0]
 
 
 def _demo_labels(n: int, rng: np.random.Generator) -> list[str]:
@@ -242,9 +276,9 @@ def _write_lines(lines: Sequence[str], path: Path) -> None:
     path.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
 
 
-def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 200, n_public: int = 60,
-                      n_test: int = 40, n_i2i_pairs: int = 40, n_t2i: int = 40, n_unlisted: int = 12,
-                      workers: int | None = None) -> Path:
+def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 190, n_public: int = 160,
+                      n_test: int = 60, n_i2i_pairs: int = 90, n_t2i: int = 160, n_unlisted: int = 12,
+                      n_i2i_test: int = 24, workers: int | None = None) -> Path:
     """Write the synthetic demo set in the official layouts under out_dir and return its root.
 
     Layout (as the real releases, see ENTREP.md):
@@ -253,10 +287,13 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 
       PublicData/PublicTest/*.png with Track1_Public/cls.csv, Track2_Public/i2i.csv, Track3_Public/t2i.csv
     i2i pairs are two views of one examination; about half of the i2i images carry no cls label;
     one i2i target exists only in the test folder, one i2i query is missing; two test images are
-    byte copies of train images (leakage). As in the real test release, the test folder also holds
-    images no list names (ENTREP.md "retrieval database"): the partners of some Track 2 queries and
-    `n_unlisted` other views. All randomness is drawn up front from `seed`, so the same seed writes
-    the same bytes whatever the number of render workers.
+    byte copies of train images (leakage). The Track 2 test list holds `n_i2i_test` examinations' two views,
+    but only one view of the last four. As in the real test release, the test folder also holds images no
+    list names (ENTREP.md "retrieval database"): those four partners and `n_unlisted` other views. The
+    defaults make a test folder of about 4 images per Track 2 query, as the real one, and enough held-out
+    pairs and finding lines (n_i2i_pairs, n_public, n_t2i) for the notebook's out-of-fold retrieval choice.
+    All randomness is drawn up front from `seed`, so the same seed writes the same bytes whatever the
+    number of render workers.
     """
     root = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -288,7 +325,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 
     i2i["missing-0000.png"] = pairs[1][0]  # a one-way entry whose query file is absent: reported
     jobs += [(v, (test_dir if n == moved else imgs) / n) for n, v in views.items()]
     for name in rng.permutation(sorted(n for pair in pairs for n in pair if n != moved))[:n_t2i]:
-        t2i.setdefault(demo_caption(views[name])[0], str(name))  # captions point at i2i images, as in the real set
+        t2i.setdefault(demo_caption(views[name]), str(name))  # captions point at i2i images, as in the real set
 
     # Test release: Track 1 images; Track 2 queries are views of new examinations (both views
     # listed for some, only one for others: its partner sits unlisted in the folder); Track 3 captions.
@@ -297,16 +334,16 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 
         test_cls.append(new_name())
         jobs.append((new_view(label), test_dir / test_cls[-1]))
     test_i2i = []
-    for k, label in enumerate(_demo_labels(12, rng)):
+    for k, label in enumerate(_demo_labels(n_i2i_test, rng)):
         for j, view in enumerate(exam_pair(label)):
             name = new_name()
             jobs.append((view, test_dir / name))
-            if k < 8 or j == 0:
+            if k < n_i2i_test - 4 or j == 0:
                 test_i2i.append(name)
     for label in _demo_labels(n_unlisted, rng):  # further unlisted views: distractors
         jobs.append((new_view(label), test_dir / new_name()))
     leaked = [(imgs / src, test_dir / new_name()) for src in list(cls)[:2]]  # byte copies: leakage
-    test_captions = sorted({demo_caption(new_view(label))[0] for label in _demo_labels(8, rng)})
+    test_captions = sorted({demo_caption(new_view(label)) for label in _demo_labels(8, rng)})
 
     # Public release: examinations of 1-3 images, names with the `_image` / `_Image` defect.
     records = []
@@ -319,10 +356,9 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 
             file = f"{stem}_image{k + 1:02d}.png"
             on_disk = file.replace("_image", "_Image") if not records else file  # the known case defect
             jobs.append((view, root / "public" / "images" / on_disk))
-            en, vi = demo_caption(view)
+            en, vi = zip(*demo_findings(view))
             records.append({"Path": file, "Classification": view["label"], "Type": "abnormal",
-                            "Description": vi + "\r\n(dữ liệu tổng hợp)",
-                            "DescriptionEN": en + "\r\n(synthetic)"})
+                            "Description": "\r\n".join([*vi, "(dữ liệu tổng hợp)"]), "DescriptionEN": "\r\n".join(en)})
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "README_SYNTHETIC.txt").write_text(DEMO_NOTICE + "\n", encoding="utf-8")
