@@ -88,11 +88,15 @@ MUTATION_SCOPE += utils.x__coarse_probs utils.x_region_then_fine utils.x_hybrid_
 	utils.x_best_grid_value utils.x_choose_fusion utils.x_branch_accuracy utils.x_write_submission \
 	utils.x_check_submission
 # retrieval.py
-MUTATION_SCOPE += retrieval.x_gallery_images retrieval.x_cosine_topk retrieval.x_rerank_by_region \
-	retrieval.x_rank_gallery retrieval.x_retrieval_hits retrieval.x_retrieval_metrics retrieval.x_best_retrieval_row \
-	retrieval.x_choose_rerank_beta retrieval.x_held_out_images retrieval.x_i2i_eval_set \
-	retrieval.x_validation_distractors retrieval.x_evaluate_i2i retrieval.x_caption_queries \
-	retrieval.x_description_queries retrieval.x__finding_queries retrieval.x_text_to_image
+MUTATION_SCOPE += retrieval.x_gallery_images retrieval.x_annotated_images retrieval.x_held_out_images \
+	retrieval.x_unseen_images retrieval.x_unique_content retrieval.x_pad_gallery retrieval.x_i2i_eval_set \
+	retrieval.x_gallery_info retrieval.x_description_queries retrieval.x_caption_queries retrieval.x_t2i_eval_queries \
+	retrieval.x_t2i_subsets retrieval.x__ranked retrieval.x_same_content retrieval.x_cosine_topk \
+	retrieval.x_fused_scores retrieval.x_k_reciprocal retrieval.x_reciprocal_ranks retrieval.x_one_to_one \
+	retrieval.x_rank_i2i retrieval.x_rank_t2i retrieval.x_retrieval_hits retrieval.x_retrieval_metrics \
+	retrieval.x_best_retrieval_row retrieval.x_fusion_grid retrieval.x_i2i_stages retrieval.x_t2i_stages \
+	retrieval.x_default_setting retrieval.x_choose_setting retrieval.x_select_out_of_fold retrieval.x_linked_groups \
+	retrieval.x_selection_report retrieval.x_selection_block
 
 mutation: install
 	$(PY) -m pip install -q "mutmut==3.8.1"

@@ -169,9 +169,9 @@ def run_report(metrics: Mapping, out: str | os.PathLike, rows: int = 3) -> str:
         lines.append(f"  {model:<12} accuracy {r['accuracy']:.3f} [{r['accuracy_low']:.3f}, {r['accuracy_high']:.3f}]"
                      f"  macro F1 {r['macro_f1']:.3f} [{r['macro_f1_low']:.3f}, {r['macro_f1_high']:.3f}]")
     hybrid, ret = metrics.get("hybrid", {}), metrics.get("retrieval", {})
+    chosen = {t: ret.get(t, {}).get("selection", {}).get("chosen", "-") for t in ("i2i", "t2i")}
     lines += [f"Choices: hybrid threshold {hybrid.get('threshold', '-')}, soft-fusion weight "
-              f"{hybrid.get('soft_weight', '-')}; Track 2 {ret.get('i2i', {}).get('embedding', '-')} (re-ranking beta "
-              f"{ret.get('i2i', {}).get('beta', '-')}); Track 3 {ret.get('t2i', {}).get('model', '-')}",
+              f"{hybrid.get('soft_weight', '-')}; Track 2 {chosen['i2i']}; Track 3 {chosen['t2i']}",
               "Stages: seconds, peak memory (process / GPU MB):"]
     lines += [f"  {name:<34} {r['seconds']:>9.1f} s  {r['peak_rss_mb']:>8.0f} / {r['peak_gpu_mb']:.0f}"
               for name, r in metrics.get("stages", {}).items()]

@@ -124,13 +124,17 @@ def test_demo_run_writes_every_result(demo_runs):
     assert 0.0 <= metrics["hybrid"]["threshold"] <= 1.0
     assert abs(metrics["split"]["val_fraction_achieved"] - metrics["split"]["val_fraction_asked"]) < 0.05
     i2i, t2i = metrics["retrieval"]["i2i"], metrics["retrieval"]["t2i"]
-    assert {"R@1", "R@1_low", "R@1_high", "R@5", "MRR"} <= set(i2i["table"][0]) and i2i["distractors"] > 0
-    assert "held-out pairs" in i2i["chosen_on"]
-    embeddings = {row["embedding"] for row in i2i["table"]}
-    assert {"biomedclip", "biomedclip tuned", "dinov2", "biomedclip tuned + dinov2 0.5"} <= embeddings
-    assert {(row["queries"], row["model"]) for row in t2i["table"]} == {
-        (q, m) for q in ("finding lines", "captions (their own image)") for m in ("biomedclip", "biomedclip tuned")}
-    assert t2i["model"] in ("biomedclip", "biomedclip tuned") and "held-out finding lines" in t2i["chosen_on"]
+    for track in (i2i, t2i):  # the selection procedure's figures, out of fold, on enough held-out queries
+        block = track["selection"]
+        assert block["n"] >= retrieval.MIN_SELECTION_QUERIES and "4 of 5 folds" in block["how"]
+        assert block["R@1_low"] <= block["R@1"] <= block["R@1_high"] and "MRR" in block and block["chosen"]
+        assert len(block["per_fold"]) == 5 and track["gallery"]["images"] > track["gallery"]["queries"] == block["n"]
+    assert i2i["gallery"]["ratio"] == pytest.approx(i2i["gallery"]["test_ratio"], abs=0.05)  # the test's per query
+    procedure = "full procedure (out of fold)"
+    assert {row["setting"] for row in i2i["table"]} == {"biomedclip tuned", "biomedclip", "dinov2", procedure}
+    subsets = ("all held-out queries", "finding lines, unseen", "finding lines, seen", "captions (their own image)")
+    assert {(row["setting"], row["queries"]) for row in t2i["table"]} == {
+        (s, q) for s in ("biomedclip tuned", "biomedclip", procedure) for q in subsets}
     assert metrics["stages"]["retrieval fine-tuning"]["seconds"] > 0  # runtime.Stages: the tuning and its embedding
     assert len(metrics["val_predictions"]["hybrid"]) == metrics["data"]["labelled"]  # every image, out of fold
     assert metrics["folds"]["folds"] == 3 and "3 stratified folds" in metrics["folds"]["how"]  # the demo's
@@ -226,8 +230,8 @@ def test_paper_protocol_trains_four_separate_models(tmp_path):
         assert sorted(f.name for f in Path(m["checkpoint"]).parent.iterdir()) == FINISHED_RUN
     assert metrics["split"]["method"] == "stratified" and metrics["params"]["flip_swap"] is False
     assert metrics["params"]["tta_flip"] is False and set(metrics["comparison_fine"]) >= {"DINOv2", "hybrid"}
-    embeddings = {row["embedding"] for row in metrics["retrieval"]["i2i"]["table"]}
-    assert "dinov2" in embeddings and "biomedclip tuned" not in embeddings  # frozen embeddings, as the paper
+    settings = {row["setting"] for row in metrics["retrieval"]["i2i"]["table"]}
+    assert "dinov2" in settings and "biomedclip tuned" not in settings  # frozen embeddings, as the paper
     assert (tmp_path / "submission.zip").exists()
     first = {Path(m["checkpoint"]).parent for m in models.values()}
     log = log_of(run_notebook(tmp_path, "paper.yaml", data_path="demo", clip_model="tiny", dino_model="tiny",

@@ -1,11 +1,16 @@
-"""retrieval.py (Tracks 2 and 3): exact top-k search against a brute-force reference, region re-ranking,
-Recall@k / MRR and their bootstrap intervals, the choices made on held-out pairs only (evaluate_i2i,
-evaluate_t2i), the held-out images and the validation query sets, the training set of the learned
-retrieval, score fusion, text-to-image ranking and the gallery figure. CPU, tiny seeded data, no network.
+"""retrieval.py (Tracks 2 and 3): exact top-k search against a brute-force reference; content groups, the
+hold-out and the validation sets (galleries padded to the test's images per query, captions scored on their own
+image, unseen and seen finding lines); the ranking procedure on small hand-made galleries whose right answer is
+known (score fusion, region consistency, k-reciprocal re-ranking against a naive reference, mutual ranks,
+one-to-one assignment against brute force); Recall@k / MRR with bootstrap intervals; the out-of-fold choice (a
+setting that wins one fold by chance does not inflate the report; grouped folds; a default under 50 queries);
+the training set of the learned retrieval and the gallery figure. CPU, tiny seeded data, no network.
 (retrieval.gallery_images is tested in test_data.py; the retrieval fine-tuning in test_training.py.)"""
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,23 +27,33 @@ import retrieval
 import utils
 from plots import plot_retrieval_gallery
 from retrieval import (
-    RERANK_BETA_GRID,
+    MIN_SELECTION_QUERIES,
+    Setting,
     caption_queries,
-    choose_rerank_beta,
+    choose_setting,
     cosine_topk,
     description_queries,
-    evaluate_i2i,
-    evaluate_t2i,
-    fuse_embeddings,
+    fusion_grid,
+    gram_matrices,
     held_out_images,
     i2i_eval_set,
-    rank_gallery,
-    rerank_by_region,
+    i2i_stages,
+    k_reciprocal,
+    linked_groups,
+    one_to_one,
+    pad_gallery,
+    rank_i2i,
+    rank_t2i,
+    reciprocal_ranks,
     retrieval_hits,
     retrieval_metrics,
     retrieval_training_set,
-    text_to_image,
-    validation_distractors,
+    select_out_of_fold,
+    selection_block,
+    selection_report,
+    t2i_eval_queries,
+    t2i_subsets,
+    unseen_images,
 )
 from runtime import Runtime
 from utils import (
@@ -186,81 +201,6 @@ def test_cosine_topk_empty_queries_and_gallery():
     assert scores.shape == idx.shape == (6, 0)
 
 
-# ----------------------------------------------------------------------------------- region re-ranking
-
-
-def shortlist(n: int = 20, k: int = 6, seed: int = 0):
-    feats = random_unit(n, 8, seed)
-    scores, idx = cosine_topk(feats, feats, k, list(range(n)), list(range(n)))
-    return feats, scores, idx
-
-
-def test_rerank_by_region_permutes_each_shortlist_and_adds_beta_times_agreement():
-    _, scores, idx = shortlist()
-    probs = torch.softmax(torch.from_numpy(np.random.default_rng(1).standard_normal((20, 4)) * 3).float(), dim=1)
-    before = (scores.clone(), idx.clone())
-    for beta in (0.05, 0.3, 5.0):
-        s, i = rerank_by_region(scores, idx, probs, probs, beta)
-        assert torch.equal(i.sort(dim=1).values, idx.sort(dim=1).values)  # same candidates
-        assert (s[:, :-1] >= s[:, 1:]).all()  # best first
-        for q in range(20):  # naive: each candidate's score + beta * P(same region)
-            new = {int(c): float(sc) + beta * float(probs[q] @ probs[c]) for sc, c in zip(scores[q], idx[q])}
-            assert np.allclose(s[q].numpy(), [new[int(c)] for c in i[q]], atol=1e-5)
-    assert torch.equal(scores, before[0]) and torch.equal(idx, before[1])  # inputs untouched
-
-
-def test_rerank_by_region_beta_zero_keeps_the_order():
-    _, scores, idx = shortlist()
-    probs = torch.softmax(torch.randn(20, 4, generator=torch.Generator().manual_seed(2)), dim=1)
-    s, i = rerank_by_region(scores, idx, probs, probs, 0.0)
-    assert torch.equal(i, idx) and torch.equal(s, scores)
-    scores_tied = torch.full_like(scores, 0.5)  # equal scores keep their previous order
-    assert torch.equal(rerank_by_region(scores_tied, idx, probs, probs, 0.0)[1], idx)
-
-
-def test_rerank_by_region_large_beta_puts_same_region_candidates_first():
-    _, scores, idx = shortlist()
-    region = one_hot(np.random.default_rng(3).integers(0, 4, 20))
-    _, i = rerank_by_region(scores, idx, region, region, 5.0)  # 5 > any cosine gap (at most 2)
-    agree = (region[:, None, :] * region[i]).sum(-1)  # (Q, K): 1 = same region
-    assert (agree[:, :-1] >= agree[:, 1:]).all()
-    assert agree.any(1).sum() > 5 and not agree.all(1).all()  # the data has both kinds
-    for q in range(20):  # within each group the cosine order is kept
-        pos = {int(c): j for j, c in enumerate(idx[q])}
-        for group in (i[q][agree[q] == 1], i[q][agree[q] == 0]):
-            ranks = [pos[int(c)] for c in group]
-            assert ranks == sorted(ranks)
-
-
-def test_rerank_by_region_keeps_empty_slots_last():
-    g = random_unit(5, 8, 4)
-    ids = ["a", "a", "b", "c", "d"]
-    scores, idx = cosine_topk(g[[0, 2]], g, 5, ["a", "b"], ids)  # query 0 loses 2 rows, query 1 one
-    region = one_hot([0, 1, 2, 2, 1])
-    s, i = rerank_by_region(scores, idx, region[[0, 2]], region, 5.0)
-    assert i[0, -2:].tolist() == [-1, -1] and (s[0, -2:] == NEG_INF).all()
-    assert i[1, -1].item() == -1 and s[1, -1].item() == NEG_INF
-    assert sorted(i[0, :3].tolist()) == [2, 3, 4] and torch.isfinite(s[0, :3]).all()
-    assert i[1, 0].item() == 3  # the only candidate of the query's region (2), first
-    assert sorted(i[1, :4].tolist()) == [0, 1, 3, 4]
-
-
-def test_rank_gallery_is_cosine_topk_then_reranking():
-    feats, _, _ = shortlist()
-    ids = [f"sha{i}" for i in range(20)]
-    ids[5] = ids[3]  # a duplicate content
-    region = torch.softmax(torch.from_numpy(np.random.default_rng(5).standard_normal((20, 4)) * 3).float(), dim=1)
-    q = [3, 8, 11]
-    scores, plain = cosine_topk(feats[q], feats, 7, [ids[j] for j in q], ids)
-    assert torch.equal(rank_gallery(feats[q], feats, [ids[j] for j in q], ids, 7), plain)
-    assert torch.equal(rank_gallery(feats[q], feats, [ids[j] for j in q], ids, 7, region[q], region, 0.0), plain)
-    ranked = rank_gallery(feats[q], feats, [ids[j] for j in q], ids, 7, region[q], region, 0.5)
-    assert torch.equal(ranked, rerank_by_region(scores, plain, region[q], region, 0.5)[1])
-    for row, j in zip(ranked.tolist(), q):
-        assert all(ids[b] != ids[j] for b in row)  # never the query's own content
-    assert 5 not in ranked[0].tolist() and 3 not in ranked[0].tolist()
-
-
 # ----------------------------------------------------------------------------------- Recall@k, MRR
 
 
@@ -320,185 +260,6 @@ def test_retrieval_metrics_of_no_queries_are_nan_and_lengths_must_match():
         retrieval_hits(np.array([[0, 1]]), [{0}, {1}])
 
 
-# ----------------------------------------------------------------------------------- choose_rerank_beta
-
-
-def test_choose_rerank_beta_uses_only_the_pairs_it_is_given():
-    """Gallery rows 0-3 serve the "val" queries, 4-7 the "other" ones. Each shortlist holds the partner
-    second (0.9 vs 0.75): region agreement points at it for val and away from it for other, so the
-    choices differ, and changing the other pairs' data leaves the val choice alone."""
-    scores = torch.tensor([[0.9, 0.75]] * 4)
-    val_idx = torch.tensor([[1, 2], [0, 3], [3, 0], [2, 1]])
-    q_region = one_hot([0, 1, 0, 1])
-    val_rel = [{2}, {3}, {0}, {1}]
-    g_region = one_hot([0, 1, 0, 1, 1, 0, 1, 0])  # val: partners share the query's region, other: the rest
-    before = tuple(t.clone() for t in (scores, val_idx, q_region, g_region))
-    beta, table = choose_rerank_beta(scores, val_idx, q_region, g_region, val_rel)
-    # 0.75 + beta beats 0.9 for beta > 0.15: every beta from 0.2 on, the smallest chosen
-    assert beta == 0.2
-    assert table["beta"].tolist() == list(RERANK_BETA_GRID) and {"R@1", "R@5", "MRR"} <= set(table.columns)
-    assert table.loc[table.beta == 0.2, "R@1"].item() == 1.0 and table.loc[table.beta == 0.0, "R@1"].item() == 0.0
-    assert all(torch.equal(a, b) for a, b in zip(before, (scores, val_idx, q_region, g_region)))
-
-    other_idx, other_rel = val_idx + 4, [{r + 4 for r in rel} for rel in val_rel]
-    assert choose_rerank_beta(scores, other_idx, q_region, g_region, other_rel)[0] == 0.0  # agreement misleads
-    for seed in range(3):  # other pairs' regions changed: the val choice is the same
-        changed = g_region.clone()
-        changed[4:] = one_hot(np.random.default_rng(seed).integers(0, 4, 4))
-        again, again_table = choose_rerank_beta(scores, val_idx, q_region, changed, val_rel)
-        assert again == 0.2 and again_table.equals(table)
-
-
-def test_choose_rerank_beta_prefers_r1_then_mrr_then_the_smallest_beta():
-    # query A: partner first; a same-region item overtakes it for beta >= 0.2 (0.75 + beta > 0.9).
-    # queries B, C: partner sixth; it passes one item at beta 0.1 (rank 5) and all four at beta >= 0.2
-    # (rank 2), behind the first, which shares the region too. Best MRR: beta >= 0.2; best R@1: <= 0.1.
-    scores = torch.tensor([[0.9, 0.75, -0.5, -0.5, -0.5, -0.5], [1.0, 0.6, 0.58, 0.56, 0.54, 0.45],
-                           [1.0, 0.6, 0.58, 0.56, 0.54, 0.45]])
-    idx = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11]])
-    g_region = one_hot([0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1])
-    q_region = one_hot([1, 1, 1])
-    relevant = [{0}, {11}, {11}]
-    beta, table = choose_rerank_beta(scores, idx, q_region, g_region, relevant)
-    t = table.set_index("beta")
-    assert t.loc[0.0, "R@1"] == pytest.approx(1 / 3) and t.loc[0.0, "MRR"] == pytest.approx((1 + 1 / 6 + 1 / 6) / 3)
-    assert t.loc[0.1, "MRR"] == pytest.approx((1 + 0.2 + 0.2) / 3)
-    assert t.loc[0.2, "R@1"] == 0.0 and t.loc[0.2, "MRR"] == pytest.approx(0.5)
-    assert t.loc[0.2, "MRR"] > t.loc[0.1, "MRR"]
-    assert beta == 0.1  # R@1 first, then MRR
-    uniform = torch.full((12, 4), 0.25)  # no region information: every beta ties, the smallest wins
-    assert choose_rerank_beta(scores, idx, uniform[:3], uniform, relevant)[0] == min(RERANK_BETA_GRID)
-
-
-# ----------------------------------------------------------------------------------- Track 2 validation
-
-
-def test_i2i_eval_set_gallery_queries_and_relevant_partners():
-    i2i = pd.DataFrame({"query_path": ["b", "a", "c", "a", "d"], "match_path": ["a", "b", "a", "e", "d"]})
-    gallery, queries, relevant = i2i_eval_set(i2i, distractors=["z", "a", "y", "z", "e"])
-    assert gallery == ["a", "b", "c", "d", "e", "y", "z"]  # pair images, then new distractors, once each
-    assert len(set(gallery)) == len(gallery)
-    assert [gallery[q] for q in queries] == ["a", "b", "c"]  # "d" -> "d" finds nothing but itself: no query
-    assert relevant == [{1, 4}, {0}, {0}]  # a -> b and e, b -> a, c -> a
-    for q, m in zip(i2i.query_path, i2i.match_path):  # every pair's partner is relevant to its query
-        if q != m:
-            assert gallery.index(m) in relevant[queries.index(gallery.index(q))]
-    assert i2i_eval_set(i2i)[0] == ["a", "b", "c", "d", "e"]
-
-
-def test_validation_distractors_copy_the_test_gallery_to_query_ratio():
-    candidates = [f"img{i:02d}.png" for i in range(50)]
-    # test: 35 gallery images for 7 queries (5x); 10 pair images need 40 more to be 5x their count
-    picked = validation_distractors(candidates, 10, 35, 7, seed=0)
-    assert len(picked) == round(10 * (35 / 7 - 1)) == 40
-    assert len(set(picked)) == 40 and set(picked) <= set(candidates)
-    pairs = pd.DataFrame({"query_path": [f"p{i}" for i in range(10)], "match_path": [f"p{i ^ 1}" for i in range(10)]})
-    gallery, queries, _ = i2i_eval_set(pairs, picked)
-    assert len(gallery) / len(queries) == pytest.approx(35 / 7)
-    assert len(validation_distractors(candidates, 12, 30, 9, seed=0)) == round(12 * (30 / 9 - 1)) == 28
-    assert validation_distractors(candidates, 10, 35, 7, seed=0) == picked  # seeded
-    assert validation_distractors(candidates[::-1], 10, 35, 7, seed=0) == picked  # input order does not matter
-    assert validation_distractors(candidates, 10, 35, 7, seed=1) != picked
-    assert validation_distractors(candidates, 10, 0, 0, seed=0) == candidates  # no test list: all of them
-    assert validation_distractors(candidates, 10, 1000, 7, seed=0) == candidates  # more than there are: all
-    assert validation_distractors(candidates, 10, 7, 7, seed=0) == []  # the test gallery is just its queries
-
-
-def clusters(groups: list[list[int]], n: int, seed: int, noise: float = 0.05) -> torch.Tensor:
-    """Unit rows: the images of each group near one random direction of their own (near-duplicates)."""
-    rng = np.random.default_rng(seed)
-    x = np.zeros((n, 32))
-    for group in groups:
-        centre = rng.standard_normal(32)
-        for i in group:
-            x[i] = centre + noise * rng.standard_normal(32)
-    return F.normalize(torch.from_numpy(x).float(), dim=1)
-
-
-# 12 images in 6 two-way pairs (2i, 2i + 1); every image is a query, its partner relevant. The first two
-# pairs (queries 0-3) are held out. "held_out_wins" groups the held-out pairs right and the others wrong
-# (each with a neighbour of another pair); "others_win" the opposite, so it wins on all pairs (8 vs 4).
-N_IMG = 12
-IDS = [f"sha{i}" for i in range(N_IMG)]
-RELEVANT = [{i ^ 1} for i in range(N_IMG)]
-HELD_OUT = [0, 1, 2, 3]
-FEATS = {"others_win": clusters([[0, 3], [1, 2], [4, 5], [6, 7], [8, 9], [10, 11]], N_IMG, 0),
-         "held_out_wins": clusters([[0, 1], [2, 3], [5, 6], [7, 8], [9, 10], [11, 4]], N_IMG, 1)}
-
-
-def row(table: pd.DataFrame, embedding: str, pairs: str, ranking: str) -> pd.Series:
-    found = table[(table.embedding == embedding) & (table.pairs == pairs) & (table.ranking == ranking)]
-    assert len(found) == 1
-    return found.iloc[0]
-
-
-def test_evaluate_i2i_chooses_the_embedding_that_finds_partners_on_held_out_pairs():
-    g = torch.Generator().manual_seed(0)
-    partners = F.normalize(torch.randn(10, 16, generator=g), dim=1).repeat_interleave(2, 0)  # 2i ~ 2i + 1
-    good = F.normalize(partners + 0.05 * torch.randn(20, 16, generator=g), dim=1)
-    noise = F.normalize(torch.randn(20, 16, generator=g), dim=1)
-    ids = [f"sha{i}" for i in range(20)]
-    relevant = [{i ^ 1} for i in range(20)]
-    table, choice = evaluate_i2i({"noise": noise, "good": good}, ids, range(20), relevant, range(10),
-                                 torch.full((20, 4), 0.25), k=5)
-    assert choice["embedding"] == "good" and "10 held-out pairs" in choice["chosen_on"]
-    assert {"embedding", "pairs", "ranking", "beta", "n", "R@1", "R@5", "R@10", "MRR"} <= set(table.columns)
-    good = row(table, "good", "all pairs", "plain")
-    assert good["R@1"] == 1.0 and good["n"] == 20
-    assert row(table, "good", "held-out pairs (choice)", "plain")["n"] == 10
-    assert row(table, "noise", "held-out pairs (choice)", "region re-rank")["R@1"] < 0.5
-
-
-def test_evaluate_i2i_chooses_on_held_out_pairs_not_on_all_pairs():
-    table, choice = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, HELD_OUT, torch.full((N_IMG, 4), 0.25))
-    # the data does what it says: on all pairs "others_win" is better, on the held-out ones the other
-    assert row(table, "others_win", "all pairs", "plain")["R@1"] == pytest.approx(8 / 12)
-    assert row(table, "held_out_wins", "all pairs", "plain")["R@1"] == pytest.approx(4 / 12)
-    assert row(table, "held_out_wins", "held-out pairs (choice)", "region re-rank")["R@1"] == 1.0
-    assert row(table, "others_win", "held-out pairs (choice)", "region re-rank")["R@1"] == 0.0
-    assert choice["embedding"] == "held_out_wins"  # a choice on all pairs would leak: "others_win"
-
-
-def test_evaluate_i2i_choice_ignores_every_pair_outside_choose_on():
-    feats = {"a": random_unit(N_IMG, 16, 7), "b": FEATS["held_out_wins"], "c": random_unit(N_IMG, 16, 8)}
-    region = torch.softmax(torch.from_numpy(np.random.default_rng(9).standard_normal((N_IMG, 4)) * 4).float(), dim=1)
-    table, choice = evaluate_i2i(feats, IDS, range(N_IMG), RELEVANT, HELD_OUT, region)
-    held = table[table.pairs == "held-out pairs (choice)"].reset_index(drop=True)
-    for seed in range(4):  # other queries' partners re-drawn: nothing chosen changes
-        rng = np.random.default_rng(seed)
-        other_rel = RELEVANT[:4] + [set(rng.choice(N_IMG, 2, replace=False).tolist()) - {q} for q in range(4, N_IMG)]
-        table2, choice2 = evaluate_i2i(feats, IDS, range(N_IMG), other_rel, HELD_OUT, region)
-        assert choice2 == choice
-        assert table2[table2.pairs == "held-out pairs (choice)"].reset_index(drop=True).equals(held)
-
-
-def test_evaluate_i2i_without_held_out_pairs_chooses_on_all_pairs_and_says_so():
-    table, choice = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, [], torch.full((N_IMG, 4), 0.25))
-    assert choice["embedding"] == "others_win"  # the best on all pairs
-    assert "all 12 pairs" in choice["chosen_on"] and "none held out" in choice["chosen_on"]
-    labels = set(table.pairs)
-    assert len(labels) == 1 and not any("held-out" in p for p in labels)
-    (label,) = labels
-    assert label.startswith("all pairs") and "choice" in label
-    assert (table.n == N_IMG).all() and len(table) == 2 * 2  # 2 embeddings x (plain, re-ranked)
-
-
-def test_evaluate_i2i_with_no_queries_returns_an_empty_table_and_a_default_choice():
-    table, choice = evaluate_i2i(FEATS, IDS, [], [], [], torch.full((N_IMG, 4), 0.25))
-    assert isinstance(table, pd.DataFrame) and table.empty
-    assert choice["embedding"] == "others_win" and choice["beta"] == 0.0 and choice["chosen_on"]
-
-
-def test_evaluate_i2i_without_regions_does_not_rerank():
-    table, choice = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, HELD_OUT, None)
-    assert choice["beta"] == 0.0 and (table.beta == 0.0).all()
-    metrics = ["R@1", "R@5", "R@10", "MRR"]
-    plain = table[table.ranking == "plain"].reset_index(drop=True)
-    reranked = table[table.ranking == "region re-rank"].reset_index(drop=True)
-    assert plain[metrics].equals(reranked[metrics])
-    assert choice["embedding"] == "held_out_wins"
-
-
 # ----------------------------------------------------------------------------------- Track 3
 
 
@@ -515,49 +276,6 @@ def test_description_queries_split_dedupe_and_collect_images():
     assert relevant == [{0, 3}, {0, 1, 4}, {3, 4}]
     assert split_finding_lines("a\r\n\r\nb\rc\n") == ["a", "b", "c"]
     assert description_queries([]) == ([], []) and description_queries(["", "  "]) == ([], [])
-
-
-def t2i_table(pairs: list[tuple[str, str]]) -> pd.DataFrame:
-    return pd.DataFrame({"text": [t for t, _ in pairs], "file": [p for _, p in pairs],
-                         "path": [f"/d/{p}" for _, p in pairs],
-                         "source": "train"})
-
-
-def test_caption_queries_point_at_their_images_in_the_gallery():
-    t2i = t2i_table([("Ear wax", "c.png"), ("Septal spur", "z.png"), ("Nasal polyp", "a.png")])
-    gallery = ["/d/a.png", "/d/b.png", "/d/c.png"]
-    queries, relevant = caption_queries(t2i, gallery)
-    assert queries == ["Ear wax", "Nasal polyp"] and relevant == [{2}, {0}]  # z.png is not in the gallery
-    assert caption_queries(t2i.iloc[:0], gallery) == ([], [])
-
-
-def test_caption_queries_dedupe_captions_and_collect_every_image_carrying_one():
-    # one caption on several images (any of them answers it), one image under two spellings of a caption,
-    # a caption of two finding lines
-    t2i = t2i_table([("Nasal polyp", "a.png"), ("nasal  polyp.", "b.png"), ("Ear wax", "c.png"),
-                     ("ear wax", "c.png"), ("Pus\nRed mucosa", "d.png"), ("Septal spur", "z.png")])
-    gallery = ["/d/a.png", "/d/b.png", "/d/c.png", "/d/d.png"]
-    queries, relevant = caption_queries(t2i, gallery)
-    assert queries == ["Nasal polyp", "Ear wax", "Pus", "Red mucosa"]
-    assert relevant == [{0, 1}, {2}, {3}, {3}]
-
-
-@pytest.fixture(scope="module")
-def tiny_clip() -> utils.Clip:
-    return utils.load_clip("tiny", CPU)
-
-
-def test_text_to_image_ranks_the_gallery_by_text_cosine(tiny_clip):
-    texts = ["ear", "a spur on the septum", "vocal cords open"]
-    text = embed_texts(tiny_clip, texts, RT)  # the very computation text_to_image makes
-    gallery = torch.cat([random_unit(6, text.shape[1], 0), text[[2, 0, 1]]])  # each text's own vector: rows 7, 8, 6
-    ranked = text_to_image(tiny_clip, texts, gallery, RT, k=4)
-    assert ranked.shape == (3, 4) and ranked.dtype == torch.long
-    assert ranked[:, 0].tolist() == [7, 8, 6]
-    sims = text.double() @ gallery.double().T
-    best = sims.sort(dim=1, descending=True).values[:, :4]
-    assert torch.allclose(sims.gather(1, ranked), best, atol=1e-5)  # the 4 highest cosines, best first
-    assert text_to_image(tiny_clip, texts, gallery, RT, k=20).shape == (3, 9)
 
 
 # ----------------------------------------------------------------------------------- figure
@@ -590,29 +308,6 @@ def test_retrieval_hits_keep_the_ranking_shape_and_bool_dtype_when_empty():
     assert retrieval_hits(torch.tensor([[3, 1]]), [{1}]).tolist() == [[False, True]]
 
 
-def test_choose_rerank_beta_table_holds_r1_r5_and_mrr_per_beta():
-    scores, idx = torch.tensor([[0.9, 0.8]]), torch.tensor([[0, 1]])
-    _, table = choose_rerank_beta(scores, idx, one_hot([0]), one_hot([1, 0]), [{1}])
-    assert list(table.columns) == ["beta", "R@1", "R@5", "MRR"]
-
-
-def test_rankings_hold_ten_images_per_query_by_default(tiny_clip):
-    feats = random_unit(30, 8, 0)
-    ids = [f"sha{i}" for i in range(30)]
-    assert rank_gallery(feats[:3], feats, ids[:3], ids).shape == (3, 10)  # R@10 needs ten
-    gallery = random_unit(30, embed_texts(tiny_clip, ["ear"], RT).shape[1], 1)
-    assert text_to_image(tiny_clip, ["ear", "nose"], gallery, RT).shape == (2, 10)
-
-
-def test_rerank_by_region_keeps_tied_candidates_in_shortlist_order_in_long_shortlists():
-    # 40 candidates in 4 tied blocks: torch's unstable sort reorders ties from 17 elements on
-    idx = torch.arange(40).flip(0)[None]
-    scores = torch.tensor([0.9] * 10 + [0.8] * 10 + [0.7] * 10 + [0.6] * 10)[None]
-    region = torch.full((40, 4), 0.25)  # every candidate agrees equally: only ties
-    s, i = rerank_by_region(scores, idx, region[:1], region, 0.3)
-    assert torch.equal(i, idx) and torch.allclose(s, scores + 0.3 * 0.25)
-
-
 def _gram_rows(gram: np.ndarray) -> torch.Tensor:
     """Unit rows whose cosines are the given Gram matrix (symmetric, PSD, unit diagonal)."""
     w, v = np.linalg.eigh(gram)
@@ -625,90 +320,9 @@ def _gram_rows(gram: np.ndarray) -> torch.Tensor:
 # "cross" behind one of the other region, which re-ranking with beta > 0.07 moves below the partner (R@1 1);
 # no grid value ties the two, so no float rounding decides the choice.
 # Plainly the two tie, and "same" comes first.
-SIX_REGION = one_hot([0, 0, 0, 0, 1, 1])
-SIX_RELEVANT = [{i ^ 1} for i in range(6)]
-
-
-def _six(pairs_to: dict[tuple[int, int], float]) -> torch.Tensor:
-    gram = np.full((6, 6), 0.3)
-    np.fill_diagonal(gram, 1.0)
-    for (i, j), c in pairs_to.items():
-        gram[i, j] = gram[j, i] = c
-    assert np.linalg.eigvalsh(gram).min() > 0.01  # real vectors have these cosines
-    return _gram_rows(gram)
-
-
-SIX = {"same": _six({(0, 1): 0.8, (2, 3): 0.8, (4, 5): 0.8, (0, 2): 0.87, (1, 3): 0.87, (0, 3): 0.7, (1, 2): 0.7}),
-       "cross": _six({(0, 1): 0.8, (2, 3): 0.8, (4, 5): 0.8, (0, 4): 0.87, (1, 5): 0.87, (0, 5): 0.7, (1, 4): 0.7})}
-
-
-@pytest.mark.parametrize("held_out", [[0, 1, 2, 3, 4, 5], []])
-def test_evaluate_i2i_applies_the_chosen_region_reranking_and_chooses_by_it(held_out):
-    table, choice = evaluate_i2i(SIX, [f"sha{i}" for i in range(6)], range(6), SIX_RELEVANT, held_out, SIX_REGION)
-    subset = table.pairs.iloc[0]
-    for name in SIX:
-        assert row(table, name, subset, "plain")[["R@1", "MRR"]].tolist() == pytest.approx([2 / 6, 4 / 6])
-    assert row(table, "cross", subset, "region re-rank")["R@1"] == 1.0
-    assert row(table, "same", subset, "region re-rank")["R@1"] == pytest.approx(2 / 6)
-    assert row(table, "cross", subset, "region re-rank")["beta"] == 0.1  # the smallest grid value above 0.07
-    assert {f"{m}_{end}" for m in ("R@1", "R@5", "R@10", "MRR") for end in ("low", "high")} <= set(table.columns)
-    ids = [f"sha{i}" for i in range(6)]
-    plain = rank_gallery(SIX["same"], SIX["same"], ids, ids)  # the plain ranking, intervals of 1,000 resamples
-    expected = retrieval_metrics(plain, SIX_RELEVANT, n_boot=1000)
-    assert row(table, "same", subset, "plain")[list(expected)].tolist() == list(expected.values())
-    assert choice == {"embedding": "cross", "beta": 0.1,  # by the re-ranked rows, not the plain ones
-                      "chosen_on": "6 held-out pairs" if held_out else "all 6 pairs (none held out)"}
-
-
-def test_evaluate_i2i_intervals_are_those_of_1000_resampled_queries():
-    feats, ids = random_unit(40, 8, 3), [f"sha{i}" for i in range(40)]  # random pairs: ranks all over the list
-    relevant = [{i ^ 1} for i in range(40)]
-    table, _ = evaluate_i2i({"random": feats}, ids, range(40), relevant, [])
-    plain = rank_gallery(feats, feats, ids, ids)
-    got = table[table.ranking == "plain"].iloc[0]
-    expected = retrieval_metrics(plain, relevant, n_boot=1000)
-    assert expected != retrieval_metrics(plain, relevant, n_boot=1001)  # these queries tell the two apart
-    assert got[list(expected)].tolist() == list(expected.values())
-
-
-def test_evaluate_i2i_chooses_by_the_choice_pairs_even_when_another_embedding_wins_on_all_pairs():
-    # others_win: held-out R@1 0, all pairs 8/12; half: held-out 2/4, all 2/12. The choice rows say "half".
-    feats = {"others_win": FEATS["others_win"],
-             "half": clusters([[0, 1], [2, 11], [3, 10], [5, 6], [7, 8], [9, 4]], N_IMG, 5)}
-    table, choice = evaluate_i2i(feats, IDS, range(N_IMG), RELEVANT, HELD_OUT, torch.full((N_IMG, 4), 0.25))
-    assert row(table, "others_win", "all pairs", "region re-rank")["R@1"] == pytest.approx(8 / 12)
-    assert row(table, "half", "held-out pairs (choice)", "region re-rank")["R@1"] == 0.5
-    assert row(table, "half", "all pairs", "region re-rank")["R@1"] == pytest.approx(2 / 12)
-    assert choice["embedding"] == "half"
-
-
-def test_evaluate_i2i_says_which_pairs_it_chose_on_and_ranks_ten():
-    _, empty = evaluate_i2i(FEATS, IDS, [], [], [], None)
-    assert empty == {"embedding": "others_win", "beta": 0.0,
-                     "chosen_on": "no annotated pairs: the first embedding, no re-ranking"}
-    table, _ = evaluate_i2i(FEATS, IDS, range(N_IMG), RELEVANT, [], None)
-    assert set(table.pairs) == {"all pairs (choice; includes pairs a model trained on)"}
-    # query 0's partner is the image least like it, 11th of 11 candidates: outside a top-10 ranking
-    gram = np.full((12, 12), 0.5)
-    np.fill_diagonal(gram, 1.0)
-    gram[0, 1] = gram[1, 0] = 0.0
-    table, _ = evaluate_i2i({"e": _gram_rows(gram)}, IDS, [0], [{1}], [], None)
-    assert table.loc[0, "MRR"] == 0.0 and table.loc[0, "R@10"] == 0.0
-
-
 def test_finding_lines_lose_only_spaces_dashes_and_bullets_at_their_ends():
     lines = split_finding_lines("\u2022 X-ray shows a shadow X\r\n- oedema -\n\t\n")
     assert lines == ["X-ray shows a shadow X", "oedema"]
-
-
-def test_held_out_images_are_validation_images_and_whole_pairs_no_training_image_is_in():
-    i2i = pd.DataFrame({"query_path": ["t1", "v1", "u1", "u3", "t2"], "match_path": ["u2", "u1", "v2", "u4", "t3"]})
-    data = utils.EntrepData(root=None, images=pd.DataFrame(), i2i=i2i, t2i=pd.DataFrame(), queries={},
-                            folder_images=pd.DataFrame(), problems=pd.DataFrame(), inventory=pd.DataFrame(), sha1={})
-    held = retrieval.held_out_images(data, train_paths=["t1", "t2", "t3", "t4"], val_paths=["v1", "v2", "v3"])
-    # t1-u2 and t2-t3 touch training images: out; v1-u1, u1-v2 and the unlabelled u3-u4: in, both images
-    assert held == {"v1", "v2", "v3", "u1", "u3", "u4"}
-    assert retrieval.held_out_images(data, [], []) == {"t1", "u2", "v1", "u1", "v2", "u3", "u4", "t2", "t3"}
 
 
 def test_retrieval_metric_intervals_are_the_alpha_over_two_percentiles_of_resampled_queries():
@@ -733,35 +347,6 @@ def test_retrieval_metric_intervals_are_the_alpha_over_two_percentiles_of_resamp
 def test_finding_keys_strip_only_spaces_and_end_punctuation():
     queries, relevant = description_queries(["Type X", "type x.", "Type", " TYPE ;"])
     assert queries == ["Type X", "Type"] and relevant == [{0, 1}, {2, 3}]
-
-
-# ----------------------------------------------------------------------------------- held_out_images 
-
-
-def test_held_out_images_are_validation_images_and_pairs_touching_no_training_image():
-    i2i = pd.DataFrame({"query_path": ["q1", "q2", "q3", "t1", "v1"], "match_path": ["m1", "t2", "m3", "m4", "m5"]})
-    data = SimpleNamespace(i2i=i2i)
-    train, val = ["t1", "t2", "t3"], ["v1", "v2"]
-    held = held_out_images(data, train, val)
-    # q2-t2 and t1-m4 touch training images: not held out (their other image neither)
-    assert held == {"v1", "v2", "q1", "m1", "q3", "m3", "m5"}
-    assert not held & set(train)
-    assert held_out_images(data, [], []) == {"q1", "m1", "q2", "t2", "q3", "m3", "t1", "m4", "v1", "m5"}
-    assert held_out_images(data, ["q1", "q2", "q3", "t1", "v1"], []) == set()  # every pair touched: none
-
-
-def test_held_out_images_on_the_demo_split(demo_data_set):
-    data = demo_data_set
-    tr, va, _ = split_train_val(data.images, data.i2i, 0.2, seed=0)
-    train, val = data.images["path"].iloc[tr].tolist(), data.images["path"].iloc[va].tolist()
-    held = held_out_images(data, train, val)
-    assert set(val) <= held and not held & set(train)
-    for q, m in zip(data.i2i["query_path"], data.i2i["match_path"]):
-        if {q, m} & set(train):
-            assert not ({q, m} - set(val)) & held  # a pair with a training image is not held out
-        else:
-            assert {q, m} <= held  # whole
-    assert held - set(val)  # the demo has pairs outside both sides: they are held out whole
 
 
 # ----------------------------------------------------------------------------------- retrieval_training_set
@@ -800,6 +385,7 @@ def test_retrieval_training_set_rows_exclusion_and_texts(demo_data_set):
     for path, t in zip(without["path"], without["texts"]):
         assert set(t) == set(texts[path]) - prompts
 
+
 def test_retrieval_training_set_groups_link_pairs_and_examinations_on_the_demo(demo_data_set):
     data = demo_data_set
     frame = retrieval_training_set(data, ())
@@ -811,6 +397,7 @@ def test_retrieval_training_set_groups_link_pairs_and_examinations_on_the_demo(d
     assert any(frame["file"].map(exam_id).eq(e).sum() > 1 for e in public)
     assert (by_exam.loc[sorted(set(public))] == 1).all()  # one examination's public images
     assert frame["group"].nunique() > 1
+
 
 def test_retrieval_training_set_on_hand_made_data_groups_and_texts_exactly():
     """Six images: a pair (one unlabelled), two views of one examination, a copy of one's bytes, a loner."""
@@ -835,58 +422,6 @@ def test_retrieval_training_set_on_hand_made_data_groups_and_texts_exactly():
     assert without.loc["a.png", "texts"] == ["A polyp.", "mucus"]
     both = retrieval_training_set(data, []).set_index("file")["group"]
     assert both["c.png"] == both["d.png"] != both["a.png"]  # identical bytes share a group
-
-
-# ----------------------------------------------------------------------------------- fuse_embeddings
-
-
-@pytest.mark.parametrize("weight", [0.0, 0.25, 0.5, 1.0])
-def test_fuse_embeddings_gives_unit_rows_whose_cosine_is_the_weighted_sum(weight):
-    a, b = random_unit(7, 5, 0), random_unit(7, 3, 1)
-    fused = fuse_embeddings(a, b, weight)
-    assert fused.shape == (7, 8)
-    assert torch.allclose(fused.norm(dim=1), torch.ones(7), atol=1e-6)
-    assert torch.allclose(fused @ fused.T, weight * (a @ a.T) + (1 - weight) * (b @ b.T), atol=1e-6)
-
-
-# ----------------------------------------------------------------------------------- evaluate_t2i
-
-
-LINES = ["a polyp in the left nasal cavity", "wax in the right ear canal", "the vocal cords are closed",
-         "red swollen tonsils", "a perforated tympanic membrane", "mucus on the septum", "a nodule on the vocal fold",
-         "a normal throat"]
-
-
-def test_evaluate_t2i_chooses_the_perfect_ranker_on_the_first_query_set_with_queries(tiny_clip):
-    paths = [f"/gallery/img{i}.png" for i in range(len(LINES))]
-    perfect = FeatureTable(paths, embed_texts(tiny_clip, LINES, RT))  # each image IS its line
-    random_table = FeatureTable(paths, random_unit(len(LINES), perfect.feats.shape[1], 7))
-    # a later set on which the random table wins: relevant = its own first answer
-    random_first = text_to_image(tiny_clip, LINES, random_table[paths], RT)[:, 0].tolist()
-    favours_random = [{r} for r in random_first]
-    assert sum(r == i for i, r in enumerate(random_first)) < len(LINES) - 2
-    query_sets = {"captions": ([], [], paths), "finding lines": (LINES, [{i} for i in range(len(LINES))], paths),
-                  "other": (LINES, favours_random, paths)}
-    models = {"random": (tiny_clip, random_table), "perfect": (tiny_clip, perfect)}
-    table, choice = evaluate_t2i(models, query_sets, RT)
-    assert choice["model"] == "perfect"
-    assert "finding lines" in choice["chosen_on"] and str(len(LINES)) in choice["chosen_on"]
-    assert set(table["queries"]) == {"finding lines", "other"}  # a set without queries has no rows
-    row = table[(table["queries"] == "finding lines") & (table["model"] == "perfect")].iloc[0]
-    assert row["R@1"] == 1.0 and row["MRR"] == 1.0 and row["n"] == len(LINES) and row["gallery"] == len(paths)
-    for m in ("R@1", "R@5", "R@10", "MRR"):
-        assert (table[f"{m}_low"] <= table[m] + 1e-12).all() and (table[m] <= table[f"{m}_high"] + 1e-12).all()
-    other = table[(table["queries"] == "other")].set_index("model")
-    assert other.loc["random", "R@1"] == 1.0 > other.loc["perfect", "R@1"]  # choosing there would pick random
-
-
-def test_evaluate_t2i_without_queries_returns_the_first_model_and_says_so(tiny_clip):
-    paths = ["/a.png", "/b.png"]
-    table = FeatureTable(paths, random_unit(2, 32, 0))
-    result, choice = evaluate_t2i({"frozen": (tiny_clip, table), "tuned": (tiny_clip, table)},
-                                  {"captions": ([], [], paths), "finding lines": ([], [], paths)}, RT)
-    assert result.empty
-    assert choice["model"] == "frozen" and "first model" in choice["chosen_on"]
 
 
 # ----------------------------------------------------------------------------------- retrieval_metrics intervals
@@ -915,3 +450,393 @@ def test_retrieval_metrics_bootstrap_interval_contains_the_estimate_is_seeded_an
     for m in ("R@5", "R@10", "MRR"):
         assert many[m] == pytest.approx(boot[m])
         assert many[f"{m}_high"] - many[f"{m}_low"] < 0.5 * (boot[f"{m}_high"] - boot[f"{m}_low"])
+
+
+# ----------------------------------------------------------------------------------- hand-made data sets
+
+E1, E2 = "12345678_123456789012345678_001_image01.png", "12345678_123456789012345678_002_image02.png"
+
+
+def hand_data(images: list[tuple[str, str, str]], pairs: list[tuple[str, str]], captions: list[tuple[str, str]],
+              sha1: dict[str, str], folder: list[tuple[str, str]] = ()) -> SimpleNamespace:
+    """An EntrepData-like set under /d: images (file, label, English description), i2i pairs (both
+    directions), t2i (caption, file), content ids by file, test-folder images (file, sha1) under /t."""
+    path = lambda f: f"/d/{f}"
+    frame = pd.DataFrame([{"path": path(f), "file": f, "label": lab, "description_en": d, "sha1": sha1[f]}
+                          for f, lab, d in images], columns=["path", "file", "label", "description_en", "sha1"])
+    both = [*pairs, *((m, q) for q, m in pairs)]
+    i2i = pd.DataFrame({"query": [q for q, _ in both], "match": [m for _, m in both],
+                        "query_path": [path(q) for q, _ in both], "match_path": [path(m) for _, m in both]})
+    t2i = pd.DataFrame({"text": [t for t, _ in captions], "file": [f for _, f in captions],
+                        "path": [path(f) for _, f in captions]})
+    folder_images = pd.DataFrame({"path": [f"/t/{f}" for f, _ in folder], "file": [f for f, _ in folder],
+                                  "folder": "/t", "sha1": [s for _, s in folder]})
+    content = {**{path(f): s for f, s in sha1.items()}, **dict(zip(folder_images.path, folder_images.sha1))}
+    return SimpleNamespace(images=frame, i2i=i2i, t2i=t2i, folder_images=folder_images, sha1=content)
+
+
+# train t1, t2, t3 (t1 paired with unlabelled u3); validation v1, v2; an examination split across the sides (E1
+# train, E2 validation: a plain split does that); unlabelled pairs u1-u2 and u4-u5, u4 with v2's bytes; c1, an
+# image only a caption points at. Sides: train {t1, t2, t3, E1}, validation {v1, v2, E2}.
+HAND = hand_data(
+    images=[("t1.png", "ear-left", ""), ("t2.png", "throat", ""), ("t3.png", "vc-open", ""),
+            ("v1.png", "throat", "pus"), ("v2.png", "nose-left", "a polyp\r\nmucus"), (E1, "ear-right", "wax"),
+            (E2, "ear-left", "Wax.")],
+    pairs=[("t1.png", "u3.png"), ("u1.png", "u2.png"), ("u4.png", "u5.png")],
+    captions=[("a spur", "u1.png"), ("a polyp", "u4.png"), ("mucus", "c1.png"), ("red folds", "t2.png")],
+    sha1={f: f.split(".")[0] for f in ["t1.png", "t2.png", "t3.png", "v1.png", "u1.png", "u2.png", "u3.png", "u5.png",
+                                      "c1.png", E1, E2]} | {"v2.png": "V2", "u4.png": "V2"},
+    folder=[("x1.png", "x1"), ("x2.png", "x1"), ("x3.png", "x3"), ("copy.png", "t2")])
+HAND_TRAIN = ["/d/t1.png", "/d/t2.png", "/d/t3.png", f"/d/{E1}"]
+HAND_VAL = ["/d/v1.png", "/d/v2.png", f"/d/{E2}"]
+
+
+def test_annotated_images_group_pairs_examinations_identical_bytes_and_caption_images():
+    frame = retrieval.annotated_images(HAND).set_index("file")
+    assert sorted(frame.index) == sorted(["t1.png", "t2.png", "t3.png", "v1.png", "v2.png", E1, E2, "u1.png", "u2.png",
+                                          "u3.png", "u4.png", "u5.png", "c1.png"])
+    g = frame["group"]
+    assert g["t1.png"] == g["u3.png"] and g["u1.png"] == g["u2.png"] and g[E1] == g[E2]
+    assert g["v2.png"] == g["u4.png"] == g["u5.png"]  # identical bytes, then a pair
+    assert len({g["t1.png"], g["t2.png"], g["t3.png"], g["v1.png"], g["v2.png"], g[E1], g["u1.png"], g["c1.png"]}) == 8
+
+
+def test_held_out_images_are_whole_content_groups_with_a_validation_image_or_no_training_image():
+    held = held_out_images(HAND, HAND_TRAIN, HAND_VAL)
+    # v1 alone; v2 with its byte twin u4 and u4's partner u5; the examination E1-E2 whole (E1 is a training image:
+    # it must leave every training that feeds retrieval); u1-u2 and c1 touch no training image
+    assert held == {"/d/v1.png", "/d/v2.png", "/d/u4.png", "/d/u5.png", f"/d/{E1}", f"/d/{E2}", "/d/u1.png",
+                    "/d/u2.png", "/d/c1.png"}
+    assert held & set(HAND_TRAIN) == {f"/d/{E1}"}
+    assert held_out_images(HAND, [], []) == set(retrieval.annotated_images(HAND)["path"])  # nothing trains: all
+    everything = [*HAND_TRAIN, *HAND_VAL]
+    assert held_out_images(HAND, everything, []) == {"/d/u1.png", "/d/u2.png", "/d/c1.png"}
+
+
+def test_held_out_images_on_the_demo_split_hold_no_training_image_and_whole_groups(demo_data_set):
+    data = demo_data_set
+    tr, va, _ = split_train_val(data.images, data.i2i, 0.2, seed=0)
+    train, val = data.images["path"].iloc[tr].tolist(), data.images["path"].iloc[va].tolist()
+    held = held_out_images(data, train, val)
+    assert set(val) <= held and not held & set(train)  # the grouped split keeps groups on one side
+    frame = retrieval.annotated_images(data).assign(held=lambda f: f["path"].isin(held))
+    assert (frame.groupby("group")["held"].nunique() == 1).all()  # whole groups
+    pairs = [{q, m} for q, m in zip(data.i2i["query_path"], data.i2i["match_path"])]
+    assert any(not pair & set(train) and not pair & set(val) and pair <= held for pair in pairs)  # unlabelled pairs
+
+
+def test_unseen_images_are_held_out_images_and_test_images_of_unannotated_content_once():
+    held = held_out_images(HAND, HAND_TRAIN, HAND_VAL)
+    unseen = unseen_images(HAND, held)
+    # u4 and v2 are one content (u4 first by path); x1 and x2 one content; copy.png shares t2's bytes: never
+    assert unseen == [*sorted(held - {"/d/v2.png"}), "/t/x1.png", "/t/x3.png"]
+
+
+def test_pad_gallery_reaches_the_test_ratio_without_repeating_content_and_keeps_the_gallery_first():
+    sha1 = {f"g{i}": f"s{i}" for i in range(4)} | {f"c{i}": f"s{i + 2}" for i in range(30)}  # c0, c1 copy g2, g3
+    gallery = ["g0", "g1", "g2", "g3"]
+    candidates = [f"c{i}" for i in range(30)]
+    padded = pad_gallery(gallery, candidates, 3, 5.0, sha1, seed=0)  # 3 queries, 5 images each: 15
+    assert len(padded) == 15 and padded[:4] == gallery and len({sha1[p] for p in padded}) == 15
+    assert not {"c0", "c1"} & set(padded)
+    assert pad_gallery(gallery, candidates, 3, 5.0, sha1, seed=0) == padded  # seeded
+    assert pad_gallery(gallery, candidates[::-1], 3, 5.0, sha1, seed=0) == padded  # whatever the candidates' order
+    assert pad_gallery(gallery, candidates, 3, 5.0, sha1, seed=1) != padded
+    assert len(pad_gallery(gallery, candidates, 3, 100.0, sha1, seed=0)) == 4 + 28  # too few: all, ratio lower
+    assert len(pad_gallery(gallery, candidates, 3, None, sha1, seed=0)) == 4 + 28  # no test list: all
+    assert pad_gallery(gallery, candidates, 3, 1.0, sha1, seed=0) == gallery  # already larger
+    assert retrieval.gallery_info(15, 3, 5.0) == {"images": 15, "queries": 3, "ratio": 5.0, "test_ratio": 5.0}
+    assert retrieval.gallery_info(0, 0, None) == {"images": 0, "queries": 0, "ratio": None, "test_ratio": None}
+
+
+def test_i2i_eval_set_holds_held_out_pairs_by_content_with_both_directions_in_one_group():
+    held = held_out_images(HAND, HAND_TRAIN, HAND_VAL)
+    gallery, rows, relevant, groups = i2i_eval_set(HAND, held)
+    assert gallery == ["/d/u1.png", "/d/u2.png", "/d/u4.png", "/d/u5.png"]  # t1-u3 trained: out
+    assert [gallery[r] for r in rows] == gallery and relevant == [{1}, {0}, {3}, {2}]
+    assert groups[0] == groups[1] != groups[2] == groups[3]  # a pair's two directions: one group
+    twins = hand_data([], [("a.png", "b.png"), ("b.png", "c.png")], [], {"a.png": "1", "b.png": "2", "c.png": "2"})
+    gallery, rows, relevant, _ = i2i_eval_set(twins, {"/d/a.png", "/d/b.png", "/d/c.png"})
+    assert gallery == ["/d/a.png", "/d/b.png"] and rows == [0, 1] and relevant == [{1}, {0}]  # b, c: one content
+
+
+def test_captions_count_only_their_own_image_and_finding_lines_every_image_carrying_them():
+    gallery = ["/d/u1.png", "/d/u4.png", "/d/c1.png", "/d/v1.png"]  # u4 stands for its byte twin v2 too
+    texts, relevant = caption_queries(HAND.t2i, gallery, HAND.sha1)
+    assert texts == ["a spur", "a polyp", "mucus"] and relevant == [{0}, {1}, {2}]  # t2.png is not in the gallery
+    queries = t2i_eval_queries(HAND, gallery, ["A polyp", "pus", "a spur", "a throat"])
+    assert queries[["text", "kind", "seen"]].values.tolist() == [
+        ["a polyp", "finding line", True], ["mucus", "finding line", False], ["pus", "finding line", True],
+        ["a spur", "caption", True], ["a polyp", "caption", True], ["mucus", "caption", False]]
+    assert queries["relevant"].tolist() == [{1}, {1}, {3}, {0}, {1}, {2}]  # v2's lines, by content, on u4's row
+    annotated = retrieval.annotated_images(HAND)
+    group = dict(zip(annotated["path"], annotated["group"]))
+    assert queries["links"][0] == {"a polyp", group["/d/v2.png"]}
+    assert queries["links"][3] == {"a spur", group["/d/u1.png"]}
+    assert t2i_subsets(queries) == {"all held-out queries": [0, 1, 2, 3, 4, 5], "finding lines, unseen": [1],
+                                    "finding lines, seen": [0, 2], "captions (their own image)": [3, 4, 5]}
+    # v2's two lines, the caption of its twin u4 and the caption "mucus" (the same text as a line): one group
+    assert linked_groups(queries["links"]).tolist() == [0, 0, 1, 2, 0, 0]
+
+
+def test_linked_groups_are_connected_components_of_shared_links():
+    assert linked_groups([["a", 1], [1], ["b"], ["b", 2], [3], []]).tolist() == [0, 0, 1, 1, 2, 3]
+    assert linked_groups([]).tolist() == []
+
+
+# ----------------------------------------------------------------------------------- ranking
+
+
+def ids_of(n: int) -> list[str]:
+    return [f"sha{i}" for i in range(n)]
+
+
+def test_rank_i2i_plain_fusion_is_cosine_topk_of_the_concatenated_weighted_features():
+    a, b = random_unit(30, 8, 0), random_unit(30, 5, 1)
+    ids = ids_of(30)
+    ids[7] = ids[3]  # one content twice
+    rows = [0, 3, 7, 12]
+    for weights in ((("a", 1.0),), (("a", 0.25), ("b", 0.75))):
+        got = rank_i2i(gram_matrices({"a": a, "b": b}), Setting(weights), rows, ids)
+        cat = torch.cat([math.sqrt(w) * {"a": a, "b": b}[n] for n, w in weights], dim=1)
+        expected = cosine_topk(cat[rows], cat, 10, [ids[r] for r in rows], ids)[1]
+        assert torch.equal(got, expected)
+    assert 7 not in got[1].tolist() and 3 not in got[2].tolist()  # never the query's own content
+
+
+def test_several_fold_models_enter_as_the_mean_of_their_cosine_matrices():
+    """How several DINOv2 fold models serve retrieval as one embedding (a list of their features): their
+    similarity matrices averaged, never their features (whose mean would mix unrelated coordinates)."""
+    feats = [random_unit(12, 6, s) for s in range(3)]
+    grams = gram_matrices({"folds": feats, **{f"m{i}": f for i, f in enumerate(feats)}})
+    mean = retrieval.fused_scores(grams, [(f"m{i}", 1 / 3) for i in range(3)])
+    assert torch.allclose(grams["folds"], mean, atol=1e-12)
+    averaged = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=1)
+    assert not torch.allclose(grams["folds"], averaged.double() @ averaged.double().T, atol=1e-3)
+
+def test_a_large_region_weight_puts_candidates_of_the_query_region_first_keeping_their_cosine_order():
+    feats, ids = random_unit(20, 8, 3), ids_of(20)
+    region = one_hot(np.random.default_rng(4).integers(0, 4, 20))
+    rows = list(range(20))
+    plain = rank_i2i({"e": feats.double() @ feats.double().T}, Setting((("e", 1.0),)), rows, ids, k=19)
+    ranked = rank_i2i({"e": feats.double() @ feats.double().T}, Setting((("e", 1.0),), beta=5.0), rows, ids, region, 19)
+    agree = (region[:, None, :] * region[ranked]).sum(-1)  # (Q, K): 1 = same region
+    assert (agree[:, :-1] >= agree[:, 1:]).all() and agree.any(1).all() and not agree.all(1).all()
+    for q in rows:  # within each region group, the plain order
+        pos = {int(c): j for j, c in enumerate(plain[q])}
+        for group in (ranked[q][agree[q] == 1], ranked[q][agree[q] == 0]):
+            assert [pos[int(c)] for c in group] == sorted(pos[int(c)] for c in group)
+
+
+def naive_k_reciprocal(sim: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:
+    """Zhong et al.'s re-ranking written out with Python sets, one pair at a time."""
+    n, dist = len(sim), 1.0 - sim
+    order = [sorted(range(n), key=lambda j, i=i: (dist[i][j], j)) for i in range(n)]
+    reciprocal = lambda i, k: {j for j in order[i][:k + 1] if i in order[j][:k + 1]}
+    v = np.zeros((n, n))
+    for i in range(n):
+        members = reciprocal(i, k1)
+        grown = set(members)
+        for c in members:
+            rc = reciprocal(c, round(k1 / 2))
+            if len(rc & members) > 2 / 3 * len(rc):
+                grown |= rc
+        for j in grown:
+            v[i, j] = math.exp(-dist[i][j])
+        v[i] /= v[i].sum()
+    v = np.array([v[order[i][:k2]].mean(0) for i in range(n)])
+    jaccard = np.array([[1 - np.minimum(v[i], v[j]).sum() / np.maximum(v[i], v[j]).sum() for j in range(n)]
+                        for i in range(n)])
+    return -((1 - lam) * jaccard + lam * dist)
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(4, 1), (5, 3), (8, 4)])
+def test_k_reciprocal_equals_a_naive_reference(k1, k2):
+    clusters = F.normalize(random_unit(6, 8, 5).repeat_interleave(4, 0) + 0.6 * random_unit(24, 8, 6), dim=1)
+    sim = clusters.double() @ clusters.double().T
+    got = k_reciprocal(sim, k1, k2, 0.3)
+    assert np.allclose(got.numpy(), naive_k_reciprocal(sim.numpy(), k1, k2, 0.3), atol=1e-12)
+
+
+def _gram(n: int, cosines: dict[tuple[int, int], float], base: float) -> torch.Tensor:
+    """Cosines [n, n]: 1 on the diagonal, `cosines` where given, else `base`."""
+    gram = np.full((n, n), base)
+    np.fill_diagonal(gram, 1.0)
+    for (i, j), c in cosines.items():
+        gram[i, j] = gram[j, i] = c
+    return torch.from_numpy(gram)
+
+
+# Pairs (0, 1), (2, 3), (4, 5), (6, 7) and a hub, 8, nearer to 0 than 0's partner is; the hub's own nearest are 6
+# and 7, and 1 prefers its partner 0 to the hub.
+HUB = _gram(9, {(0, 1): 0.7, (2, 3): 0.7, (4, 5): 0.7, (6, 7): 0.7, (0, 8): 0.75, (1, 8): 0.6, (2, 8): 0.72,
+                (3, 8): 0.6, (4, 8): 0.6, (5, 8): 0.6, (6, 8): 0.8, (7, 8): 0.8}, base=0.5)
+HUB_IDS = ids_of(9)
+
+
+def test_the_hand_made_galleries_are_cosines_of_real_vectors():
+    assert torch.linalg.eigvalsh(HUB).min() > 1e-3
+    assert torch.allclose(_gram_rows(HUB.numpy()).double() @ _gram_rows(HUB.numpy()).double().T, HUB, atol=1e-6)
+
+
+def test_k_reciprocal_reranking_puts_the_reciprocal_partner_before_a_hub(monkeypatch):
+    grams = {"e": HUB}
+    plain = rank_i2i(grams, Setting((("e", 1.0),)), [0, 2], HUB_IDS)
+    assert plain[:, 0].tolist() == [8, 8]  # the hub first
+    monkeypatch.setattr(retrieval, "K_RECIPROCAL", (2, 1, 0.3))  # neighbourhoods of this nine-image gallery's size
+    reranked = rank_i2i(grams, Setting((("e", 1.0),), k_reciprocal=True), [0, 2], HUB_IDS)
+    assert reranked[:, 0].tolist() == [1, 3]  # the hub never has 0 or 2 among its nearest: not reciprocal
+
+
+def test_reciprocal_ranks_fuse_both_directions_and_put_the_mutual_partner_first():
+    score = HUB.masked_fill(retrieval.same_content(HUB_IDS, HUB_IDS), float("-inf"))
+    fused = reciprocal_ranks(score, [0, 1])
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    rank = lambda i, j: int((order[i] == j).nonzero()) + 1
+    for a, q in enumerate([0, 1]):
+        for g in range(9):
+            mutual = 1 / (retrieval.RRF_K + rank(q, g)) + 1 / (retrieval.RRF_K + rank(g, q)) if g != q else NEG_INF
+            assert fused[a, g].item() == pytest.approx(mutual)
+    ranked = rank_i2i({"e": HUB}, Setting((("e", 1.0),), mutual="reciprocal"), [0], HUB_IDS)
+    assert ranked[0, 0].item() == 1  # 0's partner ranks 0 first; the hub ranks it third
+
+
+def test_one_to_one_gives_two_queries_with_one_best_answer_distinct_answers_maximising_the_total():
+    score = torch.tensor([[-np.inf, 0.8, 0.1, 0.0, 0.9, 0.2], [0.1, 0.0, -np.inf, 0.7, 0.95, 0.3]], dtype=torch.float64)
+    out = one_to_one(score)
+    assert torch.argmax(out, 1).tolist() == [1, 4]  # 0.8 + 0.95 beats 0.9 + 0.7
+    assert torch.equal(out[0, [0, 2, 3, 4, 5]], score[0, [0, 2, 3, 4, 5]])  # the rest keep their scores
+    rng = np.random.default_rng(7)
+    for _ in range(20):  # against brute force over every distinct assignment
+        s = torch.from_numpy(rng.uniform(size=(4, 6)))
+        total = lambda cols, s=s: sum(s[q, c].item() for q, c in enumerate(cols))
+        best = max(itertools.permutations(range(6), 4), key=total)
+        assert torch.argmax(one_to_one(s, candidates=6), 1).tolist() == list(best)
+
+
+def test_one_to_one_leaves_a_query_without_a_free_candidate_as_it_was():
+    score = torch.tensor([[0.9, -np.inf, -np.inf], [0.8, -np.inf, -np.inf], [0.1, 0.5, 0.2]], dtype=torch.float64)
+    out = one_to_one(score, candidates=2)
+    assert out[0, 0].item() == float("inf") and torch.equal(out[1], score[1])  # 1's only candidate is taken
+    assert out[2, 1].item() == float("inf")
+
+
+def test_rank_i2i_assignment_moves_a_query_off_an_answer_another_query_holds_better():
+    # 0 and 2 both rank image 4 first; 2 holds it better (0.9 + 0.8 for 0's partner 1 beats 0.85 + 0.7 for 2's next)
+    grams = {"e": _gram(6, {(0, 4): 0.85, (0, 1): 0.8, (2, 4): 0.9, (2, 3): 0.5, (0, 2): 0.7, (1, 4): 0.5}, 0.3)}
+    ids = ids_of(6)
+    assert torch.linalg.eigvalsh(grams["e"]).min() > 1e-3  # cosines of real vectors
+    assert rank_i2i(grams, Setting((("e", 1.0),)), [0, 2], ids)[:, 0].tolist() == [4, 4]
+    ranked = rank_i2i(grams, Setting((("e", 1.0),), mutual="assignment"), [0, 2], ids)
+    assert ranked[:, 0].tolist() == [1, 4] and ranked[0, 1].item() == 4  # then its plain order
+
+
+def test_rank_t2i_ranks_the_fused_text_image_cosines(tiny_clip):
+    paths = [f"/g/{i}.png" for i in range(12)]
+    texts = ["wax in the left ear", "a polyp", "red swollen folds"]
+    tables = {name: FeatureTable(paths, random_unit(12, 32, s)) for s, name in enumerate(("tuned", "frozen"))}
+    scores = retrieval.text_image_scores({n: (tiny_clip, t) for n, t in tables.items()}, texts, paths, RT)
+    text = embed_texts(tiny_clip, texts, RT).double()
+    assert torch.allclose(scores["tuned"], text @ tables["tuned"].feats.double().T)
+    ranked = rank_t2i(scores, Setting((("tuned", 0.75), ("frozen", 0.25))), k=5)
+    fused = 0.75 * scores["tuned"] + 0.25 * scores["frozen"]
+    assert torch.equal(ranked, torch.sort(fused, dim=1, descending=True, stable=True).indices[:, :5])
+    empty = retrieval.text_image_scores({n: (tiny_clip, t) for n, t in tables.items()}, [], paths, RT)
+    assert {n: s.shape for n, s in empty.items()} == {"tuned": (0, 12), "frozen": (0, 12)}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip() -> utils.Clip:
+    return utils.load_clip("tiny", CPU)
+
+
+# ----------------------------------------------------------------------------------- the out-of-fold choice
+
+
+def test_fusion_grid_is_the_simplex_in_quarters_with_the_first_name_alone_first():
+    grid = fusion_grid(["a", "b", "c"])
+    assert grid[0] == (("a", 1.0),) and len(grid) == math.comb(4 + 2, 2) == len(set(grid))
+    assert all(math.isclose(sum(w for _, w in g), 1.0) and all(w > 0 for _, w in g) for g in grid)
+    assert fusion_grid(["a"]) == [(("a", 1.0),)]
+    stages = i2i_stages(["a", "b"], region=True)
+    assert [list(stage[0].values())[0] for stage in stages] == [(("a", 1.0),), 0.0, False, "off"]  # defaults first
+    assert retrieval.default_setting(stages) == Setting((("a", 1.0),))
+    assert len(i2i_stages(["a", "b"], region=False)) == 3
+    assert Setting((("a", 0.5), ("b", 0.5)), 0.1, True, "assignment").describe() == \
+        "a 0.5 + b 0.5, region 0.1, k-reciprocal, mutual assignment"
+
+
+def hits_ranking(hit: np.ndarray) -> torch.Tensor:
+    """Rankings [Q, 2] of queries whose relevant item is 0: first when hit, else second."""
+    return torch.tensor([[0, 1] if h else [1, 0] for h in hit])
+
+
+STAGES = [[{"weights": (("steady", 1.0),)}, {"weights": (("lucky", 1.0),)}]]
+
+
+def test_choose_setting_takes_the_best_r1_then_mrr_and_keeps_the_first_option_on_a_tie():
+    relevant = [{0}] * 4
+    rankings = {"steady": torch.tensor([[0, 1], [1, 0], [1, 0], [1, 2]]),  # R@1 1/4, MRR (1 + .5 + .5) / 4
+                "lucky": torch.tensor([[0, 1], [1, 2], [1, 2], [1, 2]])}  # R@1 1/4, MRR 1 / 4
+    rank = lambda s: rankings[s.weights[0][0]]
+    assert choose_setting(rank, STAGES, relevant, range(4)).weights[0][0] == "steady"  # MRR decides
+    assert choose_setting(rank, STAGES, relevant, [0, 3]).weights[0][0] == "steady"  # a tie: the first option
+    assert choose_setting(rank, STAGES[::-1] and [STAGES[0][::-1]], relevant, [0, 3]).weights[0][0] == "lucky"
+
+
+def test_a_setting_that_wins_one_fold_by_chance_does_not_inflate_the_out_of_fold_figure():
+    """Five content groups of 20 queries (one fold each). "steady" finds 6 of every group's 20; "lucky" all 20
+    of one group and 3 of each other, so it wins on all queries (0.32 against 0.30) and is what the submissions
+    get. Out of fold: the lucky group is scored with "steady", chosen without it (6 hits); every other group with
+    "lucky", chosen with its lucky group (3 hits each): 18 / 100, not the 0.32 of the in-sample winner."""
+    n, groups = 100, np.repeat(np.arange(5), 20)
+    folds = utils.grouped_fold_ids(np.zeros(n, dtype=int), groups, retrieval.SELECTION_FOLDS, 0)
+    assert len(set(zip(folds, groups))) == 5  # each group one fold
+    lucky_fold = folds[0]
+    within = np.tile(np.arange(20), 5)  # a query's position in its group
+    hit = {"steady": within < 6, "lucky": np.where(folds == lucky_fold, True, within < 3)}
+    rank = lambda s: hits_ranking(hit[s.weights[0][0]])
+    relevant = [{0}] * n
+    selection = select_out_of_fold(rank, STAGES, relevant, groups, seed=0)
+    assert retrieval_metrics(rank(Setting((("lucky", 1.0),))), relevant, ks=(1,))["R@1"] == pytest.approx(0.32)
+    assert selection.chosen == Setting((("lucky", 1.0),))  # the in-sample winner serves the test ...
+    assert retrieval_metrics(selection.oof_ranked, relevant, ks=(1,))["R@1"] == pytest.approx(0.18)  # ... honestly
+    assert [s.weights[0][0] for s in selection.fold_choices] == ["steady" if f == lucky_fold else "lucky"
+                                                                 for f in range(5)]
+    table = selection_report(rank, {"steady": Setting((("steady", 1.0),))}, selection, relevant, {"all": range(n)})
+    assert table["setting"].tolist() == ["steady", "full procedure (out of fold)"]
+    block = selection_block(selection, table, n)
+    assert block["R@1"] == pytest.approx(0.18) and block["n"] == n and block["chosen"] == "lucky 1"
+    assert block["R@1_low"] < 0.18 < block["R@1_high"] and block["per_fold"][lucky_fold] == "steady 1"
+    assert "4 of 5 folds" in block["how"] and {"MRR", "MRR_low", "MRR_high", "R@5", "R@10"} <= set(block)
+
+
+def test_out_of_fold_choices_never_split_a_content_group(monkeypatch):
+    n, groups = 60, np.repeat(np.arange(30), 2)  # a pair's two directions share a group
+    seen, real = [], retrieval.choose_setting
+    monkeypatch.setattr(retrieval, "choose_setting", lambda *a: seen.append(list(a[3])) or real(*a))
+    rng = np.random.default_rng(0)
+    hit = {"steady": rng.random(n) < 0.5, "lucky": rng.random(n) < 0.5}
+    select_out_of_fold(lambda s: hits_ranking(hit[s.weights[0][0]]), STAGES, [{0}] * n, groups, seed=3)
+    assert len(seen) == retrieval.SELECTION_FOLDS + 1 and seen[-1] == list(range(n))  # each fold, then all
+    for rows in seen[:-1]:
+        chosen_on = set(groups[rows])
+        left_out = set(groups) - chosen_on
+        assert left_out and all(set(np.flatnonzero(groups == g)).isdisjoint(rows) for g in left_out)
+
+
+def test_with_fewer_than_50_held_out_queries_the_default_fixed_in_advance_is_kept_and_said():
+    n = MIN_SELECTION_QUERIES - 1
+    hit = {"steady": np.zeros(n + 1, bool), "lucky": np.ones(n + 1, bool)}  # the other setting wins everywhere
+    rank = lambda s: hits_ranking(hit[s.weights[0][0]][:n])
+    selection = select_out_of_fold(rank, STAGES, [{0}] * n, np.arange(n), seed=0)
+    assert selection.chosen == Setting((("steady", 1.0),)) and selection.fold_choices == ()
+    assert torch.equal(selection.oof_ranked, rank(selection.chosen))
+    assert "fewer than 50" in selection.how and "default fixed in advance" in selection.how
+    rank_more = lambda s: hits_ranking(hit[s.weights[0][0]])
+    more = select_out_of_fold(rank_more, STAGES, [{0}] * (n + 1), np.arange(n + 1), seed=0)
+    assert more.chosen == Setting((("lucky", 1.0),))  # 50: chosen out of fold
+    none = select_out_of_fold(rank, STAGES, [], np.zeros(0, int), seed=0)
+    assert none.oof_ranked.shape == (0, retrieval.RANKING_DEPTH) and "no held-out queries" in none.how
+    table = selection_report(rank, {"steady": none.chosen}, none, [], {"all": []})
+    assert table.empty and selection_block(none, table, 0)["n"] == 0

@@ -1,8 +1,8 @@
 """training.py: the harness (epoch sampling, schedule, the one training augmentation, fit's run folders,
 reuse, resume, gradient accumulation and clipping), DINOv2 fine-tuning (losses, class weights, parameter
 groups, validation score, train_dino) and the contrastive fine-tuning of BiomedCLIP (multi-positive
-InfoNCE, retrieval_terms and the side rule, TwoViews, make_tunable, train_retrieval). CPU only, no downloads: a toy linear
-recipe, the tiny random ViT (build_dino("tiny")), the tiny CLIP, a BiomedCLIP-shaped model built offline,
+InfoNCE, retrieval_terms and the side rule, TwoViews, make_tunable, train_retrieval). CPU only, no downloads: a toy
+linear recipe, the tiny random ViT (build_dino("tiny")), the tiny CLIP, a BiomedCLIP-shaped model built offline,
 56x42 and 72x72 PNGs."""
 
 from __future__ import annotations
