@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_notebook import log_of, run_notebook
+from test_notebook import FAST, log_of, run_notebook
 
 import demo_data
 import retrieval
@@ -18,7 +18,6 @@ import utils
 
 QUERY_TEXTS = ['a spur on the septum', 'he said "open", then closed', 'polyp, left side', 'viêm họng cấp',
                'two\nlines', '  leading and trailing spaces  ']
-FAST = dict(epochs=2, image_size=42, retrieval_epochs=2)  # tiny models, few epochs: these runs test the plumbing
 
 
 def _convert(src: Path, dst: Path, mode: str) -> str:

@@ -66,8 +66,9 @@ def test_the_image_hides_open_clip_and_keeps_torch(tmp_path):
     assert found == ["None", "None"]
 
 
-def test_notebook_runs_from_an_attached_dataset_with_internet_off(kaggle_dataset, tmp_path):
+def test_notebook_runs_from_an_attached_dataset_with_internet_off(kaggle_dataset, full_demo, tmp_path):
     python = kaggle_python(tmp_path / "env")
+    full_demo(tmp_path / "outputs")
     run = run_like_kaggle(python, kaggle_dataset, tmp_path, "-p", "flip_swap", "false", "-p", "tta_flip", "no")
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "outputs"
