@@ -335,7 +335,7 @@ def k_reciprocal(sim: torch.Tensor, k1: int, k2: int, lam: float) -> torch.Tenso
         members = torch.cat(grown).unique()
         w = torch.exp(-dist[i, members])
         weights[i, members] = w / w.sum()
-    weights = weights[order[:, :k2]].mean(1) if k2 > 1 else weights
+    weights = weights[order[:, :k2]].mean(1)  # (G, G): each image's weights averaged over its k2 nearest
     overlap = torch.stack([torch.minimum(weights[i, cols], weights[:, cols]).sum(1)  # sum of min over i's columns
                            for i, cols in ((i, row.nonzero()[:, 0]) for i, row in enumerate(weights))])
     jaccard = 1 - overlap / (2 - overlap)  # rows sum to 1: sum of max = 2 - sum of min

@@ -840,3 +840,146 @@ def test_with_fewer_than_50_held_out_queries_the_default_fixed_in_advance_is_kep
     assert none.oof_ranked.shape == (0, retrieval.RANKING_DEPTH) and "no held-out queries" in none.how
     table = selection_report(rank, {"steady": none.chosen}, none, [], {"all": []})
     assert table.empty and selection_block(none, table, 0)["n"] == 0
+
+
+# ------------------------------------------------- edge cases found by the mutation run of issue 24
+
+
+def test_ranked_breaks_score_ties_by_the_first_score_then_by_column():
+    score = torch.tensor([[0.5, 0.0, 0.0, 0.5]])
+    first = torch.tensor([[0.1, 0.4, 0.3, 0.2]])
+    s, i = retrieval._ranked(score, 4, first=first)
+    assert i.tolist() == [[3, 0, 1, 2]] and s.tolist() == [[0.5, 0.5, 0.0, 0.0]]  # ties in `first`'s order
+    assert retrieval._ranked(torch.zeros(1, 4), 3, first=first)[1].tolist() == [[1, 2, 3]]
+    s, i = retrieval._ranked(torch.zeros(2, 40), 10, first=torch.zeros(2, 40))  # ties in both: column order
+    assert i.tolist() == [list(range(10))] * 2
+
+
+def test_mutual_ranks_break_a_tie_by_the_querys_own_scores_and_hold_k_answers():
+    # for query 0, images 1 and 2 tie on reciprocal ranks (ranks 2 and 1 one way, 1 and 2 the other): its own
+    # cosines put 2 first
+    cos = {(0, 2): 0.8, (0, 1): 0.6, (0, 3): 0.1, (2, 3): 0.9, (1, 2): 0.2, (1, 3): 0.3}
+    gram = torch.eye(4, dtype=torch.float64)
+    for (a, b), c in cos.items():
+        gram[a, b] = gram[b, a] = c
+    fused = reciprocal_ranks(gram.masked_fill(torch.eye(4, dtype=torch.bool), NEG_INF), [0])
+    assert fused[0, 1].item() == fused[0, 2].item()
+    ranked = rank_i2i({"e": gram}, Setting((("e", 1.0),), mutual="reciprocal"), [0], ids_of(4), k=2)
+    assert ranked.tolist() == [[2, 1]]
+
+
+def test_reciprocal_ranks_of_tied_scores_count_ranks_in_column_order():
+    n = 30
+    score = torch.zeros(n, n, dtype=torch.float64).masked_fill(torch.eye(n, dtype=torch.bool), NEG_INF)
+    fused = reciprocal_ranks(score, [0, 5])
+    rank = lambda i, j: j + (j < i) if j != i else n  # ties in column order, the excluded self last
+    for a, q in enumerate([0, 5]):
+        for g in range(n):
+            expected = 1 / (retrieval.RRF_K + rank(q, g)) + 1 / (retrieval.RRF_K + rank(g, q)) if g != q else NEG_INF
+            assert fused[a, g].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("k2", [1, 2])
+def test_k_reciprocal_of_tied_distances_and_two_expansion_neighbours_equals_the_naive_reference(k2):
+    sim = torch.full((30, 30), 0.5, dtype=torch.float64).fill_diagonal_(1.0)
+    sim[:10, :10] = 0.8  # a cluster of ten, all its distances tied
+    sim.fill_diagonal_(1.0)
+    got = k_reciprocal(sim, 12, k2, 0.3)
+    assert np.allclose(got.numpy(), naive_k_reciprocal(sim.numpy(), 12, k2, 0.3), atol=1e-12)
+    clusters = F.normalize(random_unit(6, 8, 5).repeat_interleave(4, 0) + 0.6 * random_unit(24, 8, 6), dim=1)
+    sim = clusters.double() @ clusters.double().T
+    assert np.allclose(k_reciprocal(sim, 5, 2, 0.3).numpy(), naive_k_reciprocal(sim.numpy(), 5, 2, 0.3), atol=1e-12)
+
+
+def test_k_reciprocal_with_one_expansion_neighbour_averages_over_the_nearest_even_when_it_is_another_image():
+    """k2 = 1 takes each image's nearest image's weights, as the docstring and the reference say: image 1 is an
+    exact copy of image 0 (distance 0, and the lower index wins the tie), so 1's nearest is 0, not itself."""
+    feats = F.normalize(random_unit(8, 6, 3), dim=1)
+    feats[1] = feats[0]
+    sim = (feats.double() @ feats.double().T).clamp(max=1.0)
+    got = k_reciprocal(sim, 3, 1, 0.3)
+    assert np.allclose(got.numpy(), naive_k_reciprocal(sim.numpy(), 3, 1, 0.3), atol=1e-12)
+
+
+def test_one_to_one_assigns_only_among_each_querys_candidates():
+    score = torch.tensor([[0.9, 0.1], [0.8, 0.7]], dtype=torch.float64)
+    out = one_to_one(score, candidates=1)  # both queries' one candidate is image 0: query 0 holds it better
+    assert out[0].tolist() == [float("inf"), 0.1] and torch.equal(out[1], score[1])
+    assert one_to_one(score, candidates=2)[1].tolist() == [0.8, float("inf")]
+
+
+def test_stages_are_the_documented_options_in_order():
+    fusion = [{"weights": w} for w in [(("a", 1.0),), (("a", 0.75), ("b", 0.25)), (("a", 0.5), ("b", 0.5)),
+                                       (("a", 0.25), ("b", 0.75)), (("b", 1.0),)]]
+    assert retrieval.t2i_stages(["a", "b"]) == [fusion]
+    tail = [[{"k_reciprocal": False}, {"k_reciprocal": True}],
+            [{"mutual": "off"}, {"mutual": "reciprocal"}, {"mutual": "assignment"}]]
+    assert i2i_stages(["a", "b"], region=False) == [fusion, *tail]
+    assert i2i_stages(["a"], region=True) == [[{"weights": (("a", 1.0),)}], [{"beta": b} for b in
+                                                                             retrieval.RERANK_BETA_GRID], *tail]
+
+
+def test_validation_sets_of_one_way_pairs_an_exact_hold_out_and_no_images():
+    pair = hand_data([], [("a.png", "b.png")], [], {"a.png": "1", "b.png": "2"})
+    one_way = SimpleNamespace(**{**vars(pair), "i2i": pair.i2i.iloc[:1]})  # a listed only as query, b as match
+    assert retrieval.annotated_images(one_way)["path"].tolist() == ["/d/a.png", "/d/b.png"]
+    gallery, rows, relevant, groups = i2i_eval_set(pair, {"/d/a.png", "/d/b.png"})  # exactly the pair held out
+    assert gallery == ["/d/a.png", "/d/b.png"] and rows == [0, 1] and relevant == [{1}, {0}]
+    gallery, rows, relevant, groups = i2i_eval_set(pair, set())
+    assert gallery == [] and rows == [] and groups.shape == (0,) and groups.dtype == np.int64
+    queries = t2i_eval_queries(pair, [], [])
+    assert queries.empty and queries.columns.tolist() == ["text", "relevant", "kind", "seen", "links"]
+
+
+def test_gallery_info_gives_ratios_to_two_decimals_and_none_without_queries():
+    assert retrieval.gallery_info(10, 3, 20 / 3) == {"images": 10, "queries": 3, "ratio": 3.33, "test_ratio": 6.67}
+    assert retrieval.gallery_info(5, 0, None) == {"images": 5, "queries": 0, "ratio": None, "test_ratio": None}
+
+
+def test_retrieval_training_set_has_exactly_its_documented_columns():
+    frame = retrieval_training_set(HAND, HAND_VAL)
+    assert frame.columns.tolist() == ["path", "file", "sha1", "group", "texts"]
+    assert frame.index.tolist() == list(range(len(frame)))
+
+
+def test_no_texts_score_as_an_empty_float64_matrix_per_model():
+    scores = retrieval.text_image_scores({"m": (None, None), "n": (None, None)}, [], ["/a", "/b"], None)
+    assert list(scores) == ["m", "n"]
+    assert all(s.shape == (0, 2) and s.dtype == torch.float64 for s in scores.values())
+
+
+def test_bootstrap_resamples_can_draw_the_first_query():
+    out = retrieval_metrics(np.array([[0], [1]]), [{0}, {0}], ks=(1,), n_boot=1000)  # only query 0 hits
+    assert out["R@1"] == 0.5 and out["R@1_low"] == 0.0 and out["R@1_high"] == 1.0
+
+
+def test_out_of_fold_choice_uses_the_given_seed_and_two_folds_are_enough(monkeypatch):
+    n, groups = 60, np.arange(60)
+    seen, real = [], retrieval.choose_setting
+    monkeypatch.setattr(retrieval, "choose_setting", lambda *a: seen.append(list(a[3])) or real(*a))
+    rng = np.random.default_rng(1)
+    hit = {"steady": rng.random(n) < 0.5, "lucky": rng.random(n) < 0.5}
+    rank = lambda s: hits_ranking(hit[s.weights[0][0]])
+    select_out_of_fold(rank, STAGES, [{0}] * n, groups, seed=3)
+    folds = utils.grouped_fold_ids(np.zeros(n, dtype=int), groups, retrieval.SELECTION_FOLDS, 3)
+    assert seen[:-1] == [np.flatnonzero(folds != f).tolist() for f in range(retrieval.SELECTION_FOLDS)]
+    two = select_out_of_fold(rank, STAGES, [{0}] * 50, np.repeat([0, 1], 25), seed=0)  # two groups: two folds
+    assert len(two.fold_choices) == 2 and "chosen on 1 of 2 folds of 50" in two.how
+
+
+def test_no_held_out_queries_give_an_empty_integer_ranking_and_an_empty_report_with_its_columns():
+    none = select_out_of_fold(lambda s: 1 / 0, STAGES, [], np.zeros(0, int), seed=0)
+    assert none.oof_ranked.dtype == torch.long and none.oof_ranked.shape == (0, retrieval.RANKING_DEPTH)
+    assert none.how == "no held-out queries: nothing chosen, the default fixed in advance"
+    table = selection_report(lambda s: 1 / 0, {"steady": none.chosen}, none, [], {"all": []})
+    assert table.empty and table.columns.tolist() == ["setting", "queries", "n"]
+
+
+def test_the_report_gives_the_intervals_of_1000_resampled_queries():
+    n, first = 60, np.random.default_rng(2).integers(0, 10, 60)  # the relevant image's position: MRR varies
+    ranked = torch.stack([torch.roll(torch.arange(10), int(p)) for p in first])
+    rank = lambda s: ranked
+    selection = select_out_of_fold(rank, STAGES, [{0}] * n, np.arange(n), seed=0)
+    table = selection_report(rank, {}, selection, [{0}] * n, {"all": range(n)})
+    expected = retrieval_metrics(selection.oof_ranked, [{0}] * n, n_boot=1000)
+    assert table.drop(columns=["setting", "queries", "n"]).iloc[0].to_dict() == expected
