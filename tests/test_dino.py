@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import noise_png as _png
 from matplotlib.figure import Figure
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
@@ -52,14 +53,7 @@ def _rt(**kw) -> Runtime:
     return Runtime(CPU, INFER_AMP, **{"progress": False, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI box OpenMP threads that
-    wait on each other make them much slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny models, one thread
 
 
 # ---- the released SurgeNet checkpoint layout ------------------------------------------------------
@@ -318,15 +312,6 @@ def test_inference_stays_on_the_device_of_its_inputs():
 
 
 # ---- images: flip with label swap, seeded items, transforms ---------------------------------------
-
-def _png(path: Path, rng: np.random.Generator, label: int = 0) -> Path:
-    """56x42 noise, tinted by label (a frame wider than tall: the centre square is cut out)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = rng.integers(0, 200, (42, 56, 3)).astype(np.int64)
-    pixels[..., label % 3] += 8 * label
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
-    return path
-
 
 def _mirror(path: Path, out: Path) -> Path:
     Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out)

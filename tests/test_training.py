@@ -27,6 +27,7 @@ import timm.data
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+from conftest import noise_png as _png
 from PIL import Image
 from sklearn.metrics import f1_score
 from torch import nn
@@ -70,14 +71,7 @@ VC_OPEN, VC_CLOSED, THROAT = (LABEL_TO_ID[n] for n in ("vc-open", "vc-closed", "
 FINISHED_RUN_FILES = {"config.json", "best.pt", "done.json"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI box OpenMP threads that
-    wait on each other make them much slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny models, one thread
 
 
 def _same_weights(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
@@ -363,15 +357,6 @@ def _tiny(tasks=tuple(DINO_TASKS), image_size=SIZE) -> DinoClassifier:
 def _batch(labels, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(len(labels), 3, SIZE, SIZE, generator=g), torch.tensor(labels)
-
-
-def _png(path: Path, rng: np.random.Generator, label: int = 0) -> Path:
-    """56x42 noise, tinted by label (a frame wider than tall: the centre square is cut out)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = rng.integers(0, 200, (42, 56, 3)).astype(np.int64)
-    pixels[..., label % 3] += 8 * label
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
-    return path
 
 
 TRAIN_LABELS = [i for i in range(7) for _ in range(3)]  # 21 images
