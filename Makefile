@@ -84,7 +84,7 @@ MUTATION_SCOPE += utils.xǁDinoClassifierǁ__init__ utils.xǁDinoClassifierǁfor
 	training.xǁEpochSamplerǁ__len__ training.xǁEpochSamplerǁ__iter__ training.x_param_groups training.x_warmup_cosine \
 	training.x_dino_val_score
 # utils.py, sections 8-9: hybrid and submissions
-MUTATION_SCOPE += utils.x__coarse_probs utils.x_region_then_fine utils.x_hybrid_predict utils.x_soft_fusion_predict \
+MUTATION_SCOPE += utils.x__coarse_probs utils.x_region_then_fine utils.x_dino_labels utils.x_hybrid_predict utils.x_soft_fusion_predict \
 	utils.x_best_grid_value utils.x_choose_fusion utils.x_branch_accuracy utils.x_write_submission \
 	utils.x_check_submission
 # retrieval.py

@@ -18,8 +18,8 @@ import pandas as pd
 
 from runtime import Runtime
 from utils import (COARSE_CLASSES, FINE_TASKS, FUSION_FOLDS, LABELS, FeatureTable, Fold, FusionChoice,
-                   PrototypeClassifier, Trained, choose_fusion, coarse_of, comparison_table, grouped_fold_ids,
-                   hybrid_predict, predict_dino, region_then_fine, soft_fusion_predict, split_groups,
+                   PrototypeClassifier, Trained, choose_fusion, coarse_of, comparison_table, dino_labels,
+                   grouped_fold_ids, hybrid_predict, predict_dino, soft_fusion_predict, split_groups,
                    summary_metrics)
 
 MODELS: tuple[str, ...] = ("prototypes", "DINOv2", "hybrid", "soft fusion")  # the 7-class predictions compared
@@ -81,7 +81,7 @@ def fit_fold_fusion(fold: Fold, choose: dict, predict: dict, i2i: pd.DataFrame, 
         soft_pred = soft_fusion_predict(predict["proto_coarse"], predict["dino"], soft.chosen)
     dino = predict["dino"]
     pred = {"prototypes": predict["proto_fine"].argmax(1),
-            "DINOv2": region_then_fine(dino["coarse"].argmax(1), dino), "hybrid": hybrid_pred, "soft fusion": soft_pred}
+            "DINOv2": dino_labels(dino), "hybrid": hybrid_pred, "soft fusion": soft_pred}
     return FoldResult(hybrid, soft, pred, fell_back, predict)
 
 
@@ -136,7 +136,7 @@ def ensemble_gain(oof: pd.DataFrame, outputs: Mapping, held: np.ndarray, ensembl
                               oof["true"].to_numpy()[rest], pd.factorize(oof["fold"][rest])[0]).chosen
     dino = ensemble["dino"]
     predictions = {"DINOv2, one fold model": oof["DINOv2"].to_numpy()[held],
-                   "DINOv2, fold ensemble": region_then_fine(dino["coarse"].argmax(1), dino),
+                   "DINOv2, fold ensemble": dino_labels(dino),
                    "hybrid, one fold model": oof["hybrid"].to_numpy()[held],
                    "hybrid, fold ensemble": hybrid_predict(ensemble["proto_coarse"], dino, threshold)[0]}
     return comparison_table(predictions, oof["true"].to_numpy()[held], seed, groups)

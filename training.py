@@ -44,8 +44,8 @@ from runtime import Runtime, atomic_save, autocast, data_parallel, prune_runs, s
 from runtime import progress as progress_bar
 from utils import (COARSE_TO_ID, DINO_TASKS, FINE_DECISION_THRESHOLD, FINE_TASKS, LABEL_ID_TO_COARSE_ID, LABEL_TO_ID,
                    LABELS, MIXES, RETRIEVAL_TUNINGS, Clip, DinoClassifier, PadToSquare, SquareImages, Trained,
-                   coarse_of, collect_logits, dino_data_config, dino_image_size, dino_transform, file_sha1,
-                   finding_key, make_loader, model_fingerprint, region_then_fine, seeded_rng, task_probs)
+                   coarse_of, collect_logits, dino_data_config, dino_image_size, dino_labels, dino_transform,
+                   file_sha1, finding_key, make_loader, model_fingerprint, seeded_rng, task_probs)
 
 # =============================================================================================
 # 1. The harness: one resumable, content-keyed epoch runner
@@ -503,11 +503,11 @@ def param_groups(model: DinoClassifier, cfg: DinoConfig) -> list[dict]:
 
 def dino_val_score(probs: Mapping[str, np.ndarray], label_ids: np.ndarray) -> float:
     """Validation macro F1 of the decision a model's heads are reported with: all four heads -> 7 labels by
-    region argmax then that region's binary head (region_then_fine), as DINOv2 and the hybrid are scored;
+    region argmax then that region's binary head (dino_labels), as DINOv2 and the hybrid are scored;
     the coarse head alone -> 4 regions; one binary head -> its two labels on its region's images."""
     label_ids = np.asarray(label_ids)
     if set(DINO_TASKS) <= set(probs):
-        truth, pred = label_ids, region_then_fine(probs["coarse"].argmax(1), probs)
+        truth, pred = label_ids, dino_labels(probs)
     elif "coarse" in probs:
         truth, pred = coarse_of(label_ids), probs["coarse"].argmax(1)
     else:

@@ -1597,6 +1597,11 @@ def region_then_fine(coarse_ids, dino_probs: Mapping[str, object]) -> np.ndarray
     return labels
 
 
+def dino_labels(dino_probs: Mapping[str, object]) -> np.ndarray:
+    """DINOv2 alone, 7 classes (N,): its own coarse head's region, then that region's binary decision."""
+    return region_then_fine(np.asarray(dino_probs["coarse"]).argmax(1), dino_probs)
+
+
 def hybrid_predict(proto_coarse, dino_probs: Mapping[str, object], threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The paper's rule: the prototypes' region when their confidence (top probability) reaches
     `threshold`, DINOv2's region otherwise; then DINOv2's binary decision for that region.

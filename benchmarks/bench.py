@@ -519,7 +519,7 @@ def train_and_predict(heads: str, data_root: str, checkpoint_dir: str, settings:
     t0 = time.perf_counter()
     probs = utils.predict_dino(trained, val["path"].tolist(), rt, content=data.sha1, tta_flip=True)
     predict_s = time.perf_counter() - t0
-    pred = utils.region_then_fine(probs["coarse"].argmax(1), probs)
+    pred = utils.dino_labels(probs)
     return {"heads": heads, "models": len(trained), "train_s": train_s, "predict_s": predict_s, "epochs_run": epochs,
             "train_images": len(train), "val_images": len(val), "images_per_epoch": images,
             "images_seen": seen, **utils.summary_metrics(val["label_id"], pred)}

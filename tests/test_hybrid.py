@@ -40,6 +40,7 @@ from utils import (
     classification_table,
     coarse_of,
     comparison_table,
+    dino_labels,
     hybrid_predict,
     region_then_fine,
     soft_fusion_predict,
@@ -119,6 +120,7 @@ def test_region_then_fine_uses_the_own_regions_decision_and_none_for_throat():
     # extra keys such as "coarse" are allowed (the notebook passes the whole dino_probs dict)
     with_coarse = {"coarse": one_hot_probs(coarse, 0.9), "ear": p, "nose": p, "vc": p}
     assert names(region_then_fine(coarse, with_coarse)) == got
+    assert names(dino_labels(with_coarse)) == got  # DINOv2 alone: its own coarse head's region
     assert region_then_fine([], {"ear": [], "nose": [], "vc": []}).shape == (0,)
 
 
